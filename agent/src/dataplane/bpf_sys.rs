@@ -1,0 +1,115 @@
+//! The two bpf(2) commands we issue ourselves: `BPF_LINK_CREATE` and `BPF_OBJ_PIN`.
+//!
+//! aya 0.14 creates the same links but cannot hand every one of them back as a pinnable fd
+//! (cgroup sockopt links have no `FdLink` conversion), and it needs a program handle on the
+//! thread that attaches TC links inside a pod netns. Creating links from a program fd here
+//! gives one path for all of them: create, then pin; unpinning later detaches.
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
+pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
+pub const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
+pub const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
+pub const BPF_CGROUP_UDP4_RECVMSG: u32 = 19;
+pub const BPF_CGROUP_UDP6_RECVMSG: u32 = 20;
+pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+pub const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+pub const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
+pub const BPF_TCX_INGRESS: u32 = 46;
+
+/// `union bpf_attr` is at most this big for the commands we use; the kernel wants the tail zero.
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a properly sized, zero-padded bpf_attr for `cmd`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut Attr, size_of::<Attr>() as u32) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+fn put_u32(attr: &mut Attr, off: usize, v: u32) {
+    attr.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+}
+
+/// A multi-attach link from `prog` to `target` (a cgroup fd, or an ifindex for TCX, in the
+/// calling thread's netns). Dropping the returned fd detaches unless it was pinned.
+pub fn link_create(prog: BorrowedFd<'_>, target: u32, attach_type: u32) -> io::Result<OwnedFd> {
+    let mut attr = Attr([0; 128]);
+    // struct { __u32 prog_fd; union { __u32 target_fd; __u32 target_ifindex; }; __u32 attach_type; __u32 flags; ... }
+    put_u32(&mut attr, 0, prog.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, target);
+    put_u32(&mut attr, 8, attach_type);
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new fd we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins a bpf object (here: a link) at `path` on a bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let cpath = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pin path contains NUL"))?;
+    let mut attr = Attr([0; 128]);
+    // struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; ... }
+    attr.0[0..8].copy_from_slice(&(cpath.as_ptr() as u64).to_ne_bytes());
+    put_u32(&mut attr, 8, fd.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// Opens the object pinned at `path`.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let cpath = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pin path contains NUL"))?;
+    let mut attr = Attr([0; 128]);
+    attr.0[0..8].copy_from_slice(&(cpath.as_ptr() as u64).to_ne_bytes());
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new fd we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// What the kernel says about a link (`struct bpf_link_info`, the parts we use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    /// For TCX links: the device, 0 once the device (and so the pod netns) is gone.
+    pub tcx_ifindex: u32,
+}
+
+pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
+pub const BPF_LINK_TYPE_TCX: u32 = 11;
+
+pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    let mut info = [0u8; 96];
+    let mut attr = Attr([0; 128]);
+    // struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
+    put_u32(&mut attr, 0, fd.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, info.len() as u32);
+    attr.0[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let u32_at = |off: usize| u32::from_ne_bytes(info[off..off + 4].try_into().expect("4 bytes"));
+    // { __u32 type; __u32 id; __u32 prog_id; union { ... struct { __u32 ifindex; __u32 attach_type; } tcx; } }
+    // The union is 8-byte aligned, at offset 16.
+    let link_type = u32_at(0);
+    Ok(LinkInfo {
+        link_type,
+        id: u32_at(4),
+        prog_id: u32_at(8),
+        tcx_ifindex: if link_type == BPF_LINK_TYPE_TCX { u32_at(16) } else { 0 },
+    })
+}

@@ -1,0 +1,92 @@
+//! Where the dataplane keeps its state on bpffs. Pins are what make redirection outlive the
+//! agent process, and what a restarted agent adopts instead of attaching again.
+//!
+//! ```text
+//! <root>/maps-v<MAP_ABI>/<MAP>           maps, shared by every agent version with this layout
+//! <root>/cgroup/<object id>/<program>    cgroup links of the programs of one eBPF object build
+//! <root>/pods/<netns cookie>/tc-<ifindex> TC links inside one enrolled pod netns
+//! ```
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use sluice_common::MAP_ABI;
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Debug, Clone)]
+pub struct PinLayout {
+    root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        PinLayout { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn maps(&self) -> PathBuf {
+        self.root.join(format!("maps-v{MAP_ABI}"))
+    }
+
+    pub fn cgroup_dir(&self) -> PathBuf {
+        self.root.join("cgroup")
+    }
+
+    pub fn cgroup_links(&self, object_id: &str) -> PathBuf {
+        self.cgroup_dir().join(object_id)
+    }
+
+    pub fn pods(&self) -> PathBuf {
+        self.root.join("pods")
+    }
+
+    pub fn pod(&self, netns_cookie: u64) -> PathBuf {
+        self.pods().join(netns_cookie.to_string())
+    }
+
+    /// Creates the directories, mounting bpffs at /sys/fs/bpf first if the root is under it
+    /// and nothing is mounted there yet (a fresh node, or a DaemonSet without the host mount).
+    pub fn create(&self) -> io::Result<()> {
+        let parent = self.root.parent().unwrap_or(Path::new("/"));
+        if !is_bpffs(parent)? {
+            if parent == Path::new(DEFAULT_BPFFS) {
+                mount_bpffs(parent)?;
+            } else {
+                return Err(io::Error::other(format!("{} is not on a bpf filesystem", parent.display())));
+            }
+        }
+        for dir in [self.root.clone(), self.maps(), self.cgroup_dir(), self.pods()] {
+            std::fs::create_dir_all(&dir)?;
+        }
+        Ok(())
+    }
+}
+
+fn is_bpffs(path: &Path) -> io::Result<bool> {
+    match nix::sys::statfs::statfs(path) {
+        Ok(fs) => Ok(fs.filesystem_type().0 as i64 == BPF_FS_MAGIC),
+        Err(nix::errno::Errno::ENOENT) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn mount_bpffs(path: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(path)?;
+    nix::mount::mount(Some("bpf"), path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)?;
+    Ok(())
+}
+
+/// Removes a pin directory tree; removing a link's pin detaches the link.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}

@@ -1,0 +1,128 @@
+//! cgroup getsockopt: answers `SO_ORIGINAL_DST` (IPv4) and `IP6T_SO_ORIGINAL_DST` (IPv6) on
+//! ztunnel's accepted sockets, as conntrack would after an iptables REDIRECT.
+//!
+//! This runs after the kernel's own handler for every getsockopt in the cgroup, so everything
+//! that is not our question returns at once, untouched.
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::{
+    EbpfContext as _, helpers::generated::bpf_get_netns_cookie, macros::cgroup_sockopt,
+    programs::SockoptContext,
+};
+use sluice_common::{AF_INET, AF_INET6, Addr, Counter, SockKey};
+
+use crate::{counters::bump, maps::FLOW_ORIG};
+
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+/// `SO_ORIGINAL_DST` and `IP6T_SO_ORIGINAL_DST` share the number.
+const SO_ORIGINAL_DST: i32 = 80;
+const IPPROTO_TCP: u32 = 6;
+
+const SOCKADDR_IN_LEN: usize = 16;
+const SOCKADDR_IN6_LEN: usize = 28;
+
+/// Use the kernel's result, possibly as we rewrote it.
+const PROCEED: i32 = 1;
+
+#[cgroup_sockopt(getsockopt)]
+pub fn sl_getsockopt(ctx: SockoptContext) -> i32 {
+    let so = ctx.sockopt;
+    // SAFETY: 4-byte ctx loads.
+    let (level, optname) = unsafe { (read_volatile(addr_of!((*so).level)), read_volatile(addr_of!((*so).optname))) };
+    if optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
+        return PROCEED;
+    }
+    answer_original_dst(&ctx, level == SOL_IPV6);
+    PROCEED
+}
+
+#[inline(always)]
+fn answer_original_dst(ctx: &SockoptContext, want_v6: bool) {
+    let so = ctx.sockopt;
+    // SAFETY: getsockopt programs always have a full socket.
+    let sk = unsafe { (*so).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: bpf_sock fields are readable.
+    let (protocol, family) = unsafe { (read_volatile(addr_of!((*sk).protocol)), read_volatile(addr_of!((*sk).family))) };
+    if protocol != IPPROTO_TCP {
+        return;
+    }
+    // ztunnel's socket: local = where the app was sent, remote = the app. The flow was recorded
+    // from the app's side, so look it up reversed. Every field is read at a constant offset
+    // (the verifier refuses pointer arithmetic on sockets), then the family picks.
+    // SAFETY: bpf_sock fields are readable.
+    let (src4, dst4, src6, dst6) = unsafe {
+        (
+            read_volatile(addr_of!((*sk).src_ip4)),
+            read_volatile(addr_of!((*sk).dst_ip4)),
+            [
+                read_volatile(addr_of!((*sk).src_ip6[0])),
+                read_volatile(addr_of!((*sk).src_ip6[1])),
+                read_volatile(addr_of!((*sk).src_ip6[2])),
+                read_volatile(addr_of!((*sk).src_ip6[3])),
+            ],
+            [
+                read_volatile(addr_of!((*sk).dst_ip6[0])),
+                read_volatile(addr_of!((*sk).dst_ip6[1])),
+                read_volatile(addr_of!((*sk).dst_ip6[2])),
+                read_volatile(addr_of!((*sk).dst_ip6[3])),
+            ],
+        )
+    };
+    let (local, remote) = if family == u32::from(AF_INET) {
+        (Addr::v4(src4), Addr::v4(dst4))
+    } else if family == u32::from(AF_INET6) {
+        (Addr::v6(src6), Addr::v6(dst6))
+    } else {
+        return;
+    };
+    // SAFETY: src_port is host order, dst_port network order.
+    let (local_port, remote_port) =
+        unsafe { (read_volatile(addr_of!((*sk).src_port)) as u16, u16::from_be(read_volatile(addr_of!((*sk).dst_port)))) };
+    // SAFETY: helper valid for sockopt programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = SockKey { netns, local: remote, remote: local, local_port: remote_port, remote_port: local_port, _pad: 0 };
+    // SAFETY: read-only map value.
+    let Some(orig) = (unsafe { FLOW_ORIG.get(&key) }) else { return };
+    // Like the kernel: the IPv4 option answers IPv4 destinations, the IPv6 option IPv6 ones.
+    if orig.addr.is_v4() == want_v6 {
+        return;
+    }
+    // SAFETY: optval..optval_end is the kernel's copy of the caller's buffer.
+    unsafe {
+        let start = (*so).__bindgen_anon_2.optval as *mut u8;
+        let end = (*so).__bindgen_anon_3.optval_end as *mut u8;
+        let len = if want_v6 { SOCKADDR_IN6_LEN } else { SOCKADDR_IN_LEN };
+        if start.add(len) > end {
+            return;
+        }
+        let port_be = orig.port.to_be();
+        if want_v6 {
+            // struct sockaddr_in6 { family, port, flowinfo, addr[16], scope_id }
+            let b = start;
+            write_volatile(b as *mut u16, AF_INET6);
+            write_volatile(b.add(2) as *mut u16, port_be);
+            write_volatile(b.add(4) as *mut u32, 0);
+            write_volatile(b.add(8) as *mut u32, orig.addr.words[0]);
+            write_volatile(b.add(12) as *mut u32, orig.addr.words[1]);
+            write_volatile(b.add(16) as *mut u32, orig.addr.words[2]);
+            write_volatile(b.add(20) as *mut u32, orig.addr.words[3]);
+            write_volatile(b.add(24) as *mut u32, 0);
+        } else {
+            // struct sockaddr_in { family, port, addr, zero[8] }
+            let b = start;
+            write_volatile(b as *mut u16, AF_INET);
+            write_volatile(b.add(2) as *mut u16, port_be);
+            write_volatile(b.add(4) as *mut u32, orig.addr.words[3]);
+            write_volatile(b.add(8) as *mut u32, 0);
+            write_volatile(b.add(12) as *mut u32, 0);
+        }
+        // Two separate 32-bit stores: the verifier refuses a merged 8-byte one.
+        write_volatile(addr_of_mut!((*so).optlen), len as i32);
+        write_volatile(addr_of_mut!((*so).retval), 0);
+    }
+    bump(Counter::OrigDstAnswered);
+}

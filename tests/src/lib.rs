@@ -1,0 +1,14 @@
+//! Test support for Sluice's privileged integration tests.
+//!
+//! - [`harness`]: guards for network namespaces, veth topologies, cgroups and bpffs,
+//!   plus typed clients for the `sluice-testkit` helper processes and raw BPF queries.
+//! - [`peer`]: a ztunnel-like listener set ("inpod" mode) that can be created inside
+//!   any network namespace; the `sluice-testkit peer` subcommand is one user of it.
+//! - [`testkit`]: the rest of the `sluice-testkit` binary (the `app` command server).
+//! - [`sockets`], [`dns`]: small socket and DNS helpers shared by the above.
+
+pub mod dns;
+pub mod harness;
+pub mod peer;
+pub mod sockets;
+pub mod testkit;

@@ -1,0 +1,88 @@
+//! `cargo xtask test`: the single gate developers and CI run.
+use std::{
+    env, fs,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+
+use crate::{bootstrap, cmd};
+
+/// Runs every step, then ends with a one-line summary (exiting 1 on failure, so the summary
+/// stays the last line).
+pub fn run(extra: &[String]) -> Result<()> {
+    let start = Instant::now();
+    let result = steps(extra);
+    let elapsed = fmt_elapsed(start.elapsed());
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        eprintln!("xtask test: FAILED after {elapsed}");
+        std::process::exit(1);
+    }
+    eprintln!("xtask test: all checks passed in {elapsed}");
+    Ok(())
+}
+
+fn steps(extra: &[String]) -> Result<()> {
+    let root = bootstrap::is_root();
+    if !root {
+        // In CI a skipped privileged test would look like a pass; refuse instead.
+        if is_ci() {
+            bail!("CI must run the privileged eBPF tests: run `cargo xtask test` as root");
+        }
+        eprintln!("warning: not root, so the privileged eBPF tests will skip");
+    }
+    bootstrap::run()?;
+    if root {
+        mount_bpffs()?;
+    }
+
+    cmd::run(cmd::cargo().args(["fmt", "--all", "--check"]))?;
+    // No `--workspace` here or below: the default members are every crate except the eBPF
+    // one, which only builds for the bpf target (the agent's build.rs builds and embeds it).
+    cmd::run(cmd::cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+
+    let mut test = cmd::cargo();
+    test.arg("test").env("RUST_BACKTRACE", "1");
+    if !extra.is_empty() {
+        test.arg("--").args(extra);
+    }
+    cmd::run(&mut test)
+}
+
+fn is_ci() -> bool {
+    env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// The tests pin maps under /sys/fs/bpf; some machines (containers, fresh VMs) lack the mount.
+fn mount_bpffs() -> Result<()> {
+    const DIR: &str = "/sys/fs/bpf";
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mounted = mounts.lines().any(|l| {
+        let mut fields = l.split_whitespace().skip(1);
+        fields.next() == Some(DIR) && fields.next() == Some("bpf")
+    });
+    eprintln!(
+        "checking bpffs at {DIR}… {}",
+        if mounted { "mounted" } else { "missing" }
+    );
+    if !mounted {
+        if !Path::new(DIR).exists() {
+            fs::create_dir_all(DIR)?;
+        }
+        eprintln!("mounting bpffs at {DIR}…");
+        cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", DIR]))?;
+    }
+    Ok(())
+}
+
+fn fmt_elapsed(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs >= 60 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
