@@ -27,7 +27,11 @@ pub enum NetnsError {
     #[error("{path} is not a network namespace")]
     NotNetns { path: PathBuf },
     #[error("network namespace {path}: {what}: {source}")]
-    Io { path: PathBuf, what: &'static str, source: io::Error },
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: io::Error,
+    },
 }
 
 /// An open network namespace. Holding it keeps the namespace alive.
@@ -43,14 +47,26 @@ impl Netns {
     /// Opens `path` (e.g. `/run/netns/x` or `/proc/<pid>/ns/net`) and checks it is a netns.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, NetnsError> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|source| NetnsError::Open { path: path.clone(), source })?;
+        let file = File::open(&path).map_err(|source| NetnsError::Open {
+            path: path.clone(),
+            source,
+        })?;
         // SAFETY: ioctl on an fd we own; NS_GET_NSTYPE takes no argument.
         let nstype = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
         if nstype != libc::CLONE_NEWNET {
             return Err(NetnsError::NotNetns { path });
         }
-        let meta = file.metadata().map_err(|source| NetnsError::Io { path: path.clone(), what: "stat", source })?;
-        Ok(Netns { fd: file.into(), path, dev: meta.dev(), ino: meta.ino() })
+        let meta = file.metadata().map_err(|source| NetnsError::Io {
+            path: path.clone(),
+            what: "stat",
+            source,
+        })?;
+        Ok(Netns {
+            fd: file.into(),
+            path,
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
     }
 
     /// The network namespace of the calling thread.
@@ -69,7 +85,9 @@ impl Netns {
 
     /// Whether `path` still names this same namespace (it may have been deleted or reused).
     pub fn still_at_path(&self) -> bool {
-        std::fs::metadata(&self.path).map(|m| m.dev() == self.dev && m.ino() == self.ino).unwrap_or(false)
+        std::fs::metadata(&self.path)
+            .map(|m| m.dev() == self.dev && m.ino() == self.ino)
+            .unwrap_or(false)
     }
 
     /// Runs `f` on a fresh thread that has entered this namespace.

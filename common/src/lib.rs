@@ -91,7 +91,9 @@ impl Addr {
     /// `ip4` in network byte order, as the kernel stores it.
     #[inline(always)]
     pub const fn v4(ip4: u32) -> Self {
-        Addr { words: [0, 0, Self::MAPPED_WORD, ip4] }
+        Addr {
+            words: [0, 0, Self::MAPPED_WORD, ip4],
+        }
     }
 
     #[inline(always)]

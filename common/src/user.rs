@@ -52,7 +52,10 @@ impl From<OrigDst> for SocketAddr {
 impl PodConfig {
     /// Builds a pod config; at most [`crate::MAX_POD_IPS`] addresses are kept.
     pub fn new(flags: u32, ips: &[IpAddr]) -> Self {
-        let mut cfg = PodConfig { flags, ..Default::default() };
+        let mut cfg = PodConfig {
+            flags,
+            ..Default::default()
+        };
         for (slot, ip) in cfg.ips.iter_mut().zip(ips) {
             *slot = Addr::from(*ip);
             cfg.ip_count += 1;
@@ -93,10 +96,16 @@ mod tests {
     #[test]
     fn loopback_and_unspecified() {
         for s in ["127.0.0.1", "127.9.9.9", "::1"] {
-            assert!(Addr::from(s.parse::<IpAddr>().unwrap()).is_loopback(), "{s}");
+            assert!(
+                Addr::from(s.parse::<IpAddr>().unwrap()).is_loopback(),
+                "{s}"
+            );
         }
         for s in ["10.0.0.1", "::2", "fd00::1", "128.0.0.1"] {
-            assert!(!Addr::from(s.parse::<IpAddr>().unwrap()).is_loopback(), "{s}");
+            assert!(
+                !Addr::from(s.parse::<IpAddr>().unwrap()).is_loopback(),
+                "{s}"
+            );
         }
         assert!(Addr::from("0.0.0.0".parse::<IpAddr>().unwrap()).is_unspecified());
         assert!(Addr::from("::".parse::<IpAddr>().unwrap()).is_unspecified());

@@ -19,8 +19,8 @@ mod maps;
 mod packet;
 mod sk_msg;
 mod sock_addr;
-mod sockopt;
 mod sockops;
+mod sockopt;
 mod tc;
 
 #[cfg(not(test))]

@@ -97,7 +97,11 @@ fn parse_v6(ctx: &TcContext, l3: usize) -> Result<Parsed, i64> {
             IPPROTO_TCP => return tcp(ctx, off, true, src, dst),
             NEXTHDR_FRAGMENT => {
                 let inner: u8 = ctx.load(off)?;
-                return Ok(if inner == IPPROTO_TCP { Parsed::TcpFragment } else { Parsed::Other });
+                return Ok(if inner == IPPROTO_TCP {
+                    Parsed::TcpFragment
+                } else {
+                    Parsed::Other
+                });
             }
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
                 let hdr_len: u8 = ctx.load(off + 1)?;
@@ -117,5 +121,12 @@ fn tcp(ctx: &TcContext, l4: usize, v6: bool, src: Addr, dst: Addr) -> Result<Par
     let sport: u16 = u16::from_be(ctx.load(l4)?);
     let dport: u16 = u16::from_be(ctx.load(l4 + 2)?);
     let flags: u8 = ctx.load(l4 + 13)?;
-    Ok(Parsed::Tcp(TcpPacket { v6, src, dst, sport, dport, flags }))
+    Ok(Parsed::Tcp(TcpPacket {
+        v6,
+        src,
+        dst,
+        sport,
+        dport,
+        flags,
+    }))
 }

@@ -18,7 +18,9 @@ use crate::{
 
 #[sk_msg]
 pub fn sl_sk_msg(ctx: SkMsgContext) -> u32 {
-    let Some(key) = msg_key(&ctx) else { return SK_PASS };
+    let Some(key) = msg_key(&ctx) else {
+        return SK_PASS;
+    };
     // SAFETY: read-only lookup.
     if unsafe { NO_ACCEL.get(&key) }.is_some() {
         return SK_PASS;

@@ -6,9 +6,7 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
-    EbpfContext as _,
-    helpers::generated::bpf_get_netns_cookie,
-    macros::cgroup_sock_addr,
+    EbpfContext as _, helpers::generated::bpf_get_netns_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use sluice_common::{
@@ -103,7 +101,12 @@ enum Transport {
 fn transport(ctx: &SockAddrContext) -> Option<Transport> {
     let sa = ctx.sock_addr;
     // SAFETY: ctx fields are readable with 4-byte loads.
-    let (ty, proto) = unsafe { (read_volatile(addr_of!((*sa).type_)), read_volatile(addr_of!((*sa).protocol))) };
+    let (ty, proto) = unsafe {
+        (
+            read_volatile(addr_of!((*sa).type_)),
+            read_volatile(addr_of!((*sa).protocol)),
+        )
+    };
     match (ty, proto) {
         // MPTCP subflows are TCP on the wire: redirect them like upstream's `-p tcp` would.
         (SOCK_STREAM, IPPROTO_TCP | IPPROTO_MPTCP) => Some(Transport::Tcp),
@@ -201,24 +204,50 @@ fn redirect_target(
 
 #[inline(always)]
 fn on_connect(ctx: &SockAddrContext, family: Family) {
-    let Some(transport) = transport(ctx) else { return };
+    let Some(transport) = transport(ctx) else {
+        return;
+    };
     let Some(pod) = enrolled_pod(ctx) else { return };
     let dst = user_addr(ctx, family);
     let port = user_port(ctx);
     if let Some((to, to_port, counter)) = redirect_target(pod, transport, &dst, port) {
-        remember_and_rewrite(ctx, family, OrigDst { addr: dst, port, _pad: 0 }, &to, to_port, counter);
+        remember_and_rewrite(
+            ctx,
+            family,
+            OrigDst {
+                addr: dst,
+                port,
+                _pad: 0,
+            },
+            &to,
+            to_port,
+            counter,
+        );
     }
 }
 
 #[inline(always)]
 fn on_sendmsg(ctx: &SockAddrContext, family: Family) {
     // Only UDP reaches this hook; TCP DNS is handled at connect.
-    let Some(Transport::Udp) = transport(ctx) else { return };
+    let Some(Transport::Udp) = transport(ctx) else {
+        return;
+    };
     let Some(pod) = enrolled_pod(ctx) else { return };
     let dst = user_addr(ctx, family);
     let port = user_port(ctx);
     if let Some((to, to_port, counter)) = redirect_target(pod, Transport::Udp, &dst, port) {
-        remember_and_rewrite(ctx, family, OrigDst { addr: dst, port, _pad: 0 }, &to, to_port, counter);
+        remember_and_rewrite(
+            ctx,
+            family,
+            OrigDst {
+                addr: dst,
+                port,
+                _pad: 0,
+            },
+            &to,
+            to_port,
+            counter,
+        );
     }
 }
 

@@ -27,7 +27,9 @@ use crate::{
 pub fn sl_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => record_flow(&ctx),
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => accelerate(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            accelerate(&ctx)
+        }
         _ => {}
     }
     1
@@ -97,7 +99,12 @@ fn record_flow(ctx: &SockOpsContext) {
     }
     // SAFETY: SOCK_ORIG is an sk_storage map; sk is a full socket here.
     let orig = unsafe {
-        bpf_sk_storage_get(core::ptr::from_ref(&SOCK_ORIG).cast_mut().cast(), sk.cast(), core::ptr::null_mut(), 0)
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&SOCK_ORIG).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
     } as *const OrigDst;
     if orig.is_null() {
         return;
@@ -117,7 +124,9 @@ fn accelerate(ctx: &SockOpsContext) {
     }
     let Some(mut key) = sock_key(ctx) else { return };
     // SAFETY: read-only map value.
-    let Some(pod) = (unsafe { PODS.get(&key.netns) }) else { return };
+    let Some(pod) = (unsafe { PODS.get(&key.netns) }) else {
+        return;
+    };
     let sk = sk_of(ctx);
     if sk.is_null() {
         return;
@@ -128,7 +137,10 @@ fn accelerate(ctx: &SockOpsContext) {
         return;
     }
     // SAFETY: the ctx is a sock_ops of a full, established socket.
-    if SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY)).is_ok() {
+    if SOCKS
+        .update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY))
+        .is_ok()
+    {
         bump(Counter::SocketsAccelerated);
     }
 }

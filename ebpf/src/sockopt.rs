@@ -29,7 +29,12 @@ const PROCEED: i32 = 1;
 pub fn sl_getsockopt(ctx: SockoptContext) -> i32 {
     let so = ctx.sockopt;
     // SAFETY: 4-byte ctx loads.
-    let (level, optname) = unsafe { (read_volatile(addr_of!((*so).level)), read_volatile(addr_of!((*so).optname))) };
+    let (level, optname) = unsafe {
+        (
+            read_volatile(addr_of!((*so).level)),
+            read_volatile(addr_of!((*so).optname)),
+        )
+    };
     if optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
         return PROCEED;
     }
@@ -46,7 +51,12 @@ fn answer_original_dst(ctx: &SockoptContext, want_v6: bool) {
         return;
     }
     // SAFETY: bpf_sock fields are readable.
-    let (protocol, family) = unsafe { (read_volatile(addr_of!((*sk).protocol)), read_volatile(addr_of!((*sk).family))) };
+    let (protocol, family) = unsafe {
+        (
+            read_volatile(addr_of!((*sk).protocol)),
+            read_volatile(addr_of!((*sk).family)),
+        )
+    };
     if protocol != IPPROTO_TCP {
         return;
     }
@@ -80,13 +90,26 @@ fn answer_original_dst(ctx: &SockoptContext, want_v6: bool) {
         return;
     };
     // SAFETY: src_port is host order, dst_port network order.
-    let (local_port, remote_port) =
-        unsafe { (read_volatile(addr_of!((*sk).src_port)) as u16, u16::from_be(read_volatile(addr_of!((*sk).dst_port)))) };
+    let (local_port, remote_port) = unsafe {
+        (
+            read_volatile(addr_of!((*sk).src_port)) as u16,
+            u16::from_be(read_volatile(addr_of!((*sk).dst_port))),
+        )
+    };
     // SAFETY: helper valid for sockopt programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let key = SockKey { netns, local: remote, remote: local, local_port: remote_port, remote_port: local_port, _pad: 0 };
+    let key = SockKey {
+        netns,
+        local: remote,
+        remote: local,
+        local_port: remote_port,
+        remote_port: local_port,
+        _pad: 0,
+    };
     // SAFETY: read-only map value.
-    let Some(orig) = (unsafe { FLOW_ORIG.get(&key) }) else { return };
+    let Some(orig) = (unsafe { FLOW_ORIG.get(&key) }) else {
+        return;
+    };
     // Like the kernel: the IPv4 option answers IPv4 destinations, the IPv6 option IPv6 ones.
     if orig.addr.is_v4() == want_v6 {
         return;
@@ -95,7 +118,11 @@ fn answer_original_dst(ctx: &SockoptContext, want_v6: bool) {
     unsafe {
         let start = (*so).__bindgen_anon_2.optval as *mut u8;
         let end = (*so).__bindgen_anon_3.optval_end as *mut u8;
-        let len = if want_v6 { SOCKADDR_IN6_LEN } else { SOCKADDR_IN_LEN };
+        let len = if want_v6 {
+            SOCKADDR_IN6_LEN
+        } else {
+            SOCKADDR_IN_LEN
+        };
         if start.add(len) > end {
             return;
         }

@@ -65,7 +65,10 @@ fn pod_ingress(ctx: &TcContext, l3: usize) -> i32 {
         Ok(Parsed::TcpFragment) => return TC_ACT_SHOT as i32,
         Ok(Parsed::Other) | Err(_) => return TC_ACT_OK as i32,
     };
-    if pkt.dport == PORT_HBONE || skb_mark(ctx) & MARK_MASK == ZTUNNEL_MARK || from_this_node(&pkt.src) {
+    if pkt.dport == PORT_HBONE
+        || skb_mark(ctx) & MARK_MASK == ZTUNNEL_MARK
+        || from_this_node(&pkt.src)
+    {
         return TC_ACT_OK as i32;
     }
     to_ztunnel(ctx, &pkt)
@@ -98,14 +101,20 @@ fn tuple(pkt: &TcpPacket, dport: u16) -> (bpf_sock_tuple, u32) {
             v6.daddr = pkt.dst.words;
             v6.sport = pkt.sport.to_be();
             v6.dport = dport.to_be();
-            (t, size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32)
+            (
+                t,
+                size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32,
+            )
         } else {
             let v4 = &mut t.__bindgen_anon_1.ipv4;
             v4.saddr = pkt.src.words[3];
             v4.daddr = pkt.dst.words[3];
             v4.sport = pkt.sport.to_be();
             v4.dport = dport.to_be();
-            (t, size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32)
+            (
+                t,
+                size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
+            )
         }
     }
 }

@@ -8,6 +8,7 @@
 //! - [`sockets`], [`dns`]: small socket and DNS helpers shared by the above.
 
 pub mod dns;
+pub mod fixture;
 pub mod harness;
 pub mod peer;
 pub mod sockets;

@@ -35,8 +35,19 @@ struct Attr([u8; 128]);
 
 fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
     // SAFETY: attr is a properly sized, zero-padded bpf_attr for `cmd`.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut Attr, size_of::<Attr>() as u32) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut Attr,
+            size_of::<Attr>() as u32,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 fn put_u32(attr: &mut Attr, off: usize, v: u32) {
@@ -110,6 +121,20 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         link_type,
         id: u32_at(4),
         prog_id: u32_at(8),
-        tcx_ifindex: if link_type == BPF_LINK_TYPE_TCX { u32_at(16) } else { 0 },
+        tcx_ifindex: if link_type == BPF_LINK_TYPE_TCX {
+            u32_at(16)
+        } else {
+            0
+        },
     })
+}
+
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Detaches a link now. Unpinning alone would detach only when the last reference goes, which
+/// the kernel does asynchronously; uninstall and unenroll want it done when they return.
+pub fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = Attr([0; 128]);
+    put_u32(&mut attr, 0, fd.as_raw_fd() as u32);
+    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
 }

@@ -54,7 +54,11 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sluice";
 impl DataplaneConfig {
     /// Production defaults: pins under /sys/fs/bpf/sluice, the cgroup2 root.
     pub fn node_defaults() -> io::Result<Self> {
-        Ok(DataplaneConfig { pin_root: DEFAULT_PIN_ROOT.into(), cgroup: cgroup2_root()?, accelerate: false })
+        Ok(DataplaneConfig {
+            pin_root: DEFAULT_PIN_ROOT.into(),
+            cgroup: cgroup2_root()?,
+            accelerate: false,
+        })
     }
 }
 
@@ -70,7 +74,12 @@ pub fn cgroup2_root() -> io::Result<PathBuf> {
             let mount_point = pre.split_whitespace().nth(4)?;
             (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
         })
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 mount in /proc/self/mountinfo"))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "no cgroup2 mount in /proc/self/mountinfo",
+            )
+        })
 }
 
 /// Per-pod options (Istio annotations `ambient.istio.io/dns-capture` and
@@ -83,7 +92,10 @@ pub struct EnrollOptions {
 
 impl Default for EnrollOptions {
     fn default() -> Self {
-        EnrollOptions { dns_capture: true, bypass_inbound: false }
+        EnrollOptions {
+            dns_capture: true,
+            bypass_inbound: false,
+        }
     }
 }
 
@@ -119,9 +131,15 @@ pub enum Error {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("eBPF map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 }
@@ -149,7 +167,10 @@ pub struct Dataplane {
 
 impl std::fmt::Debug for Dataplane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dataplane").field("root", &self.layout.root()).field("object_id", &self.object_id).finish()
+        f.debug_struct("Dataplane")
+            .field("root", &self.layout.root())
+            .field("object_id", &self.object_id)
+            .finish()
     }
 }
 
@@ -159,10 +180,18 @@ impl Dataplane {
     /// this build's are attached, so there is no moment without redirection.
     pub fn load(cfg: &DataplaneConfig) -> Result<Self, Error> {
         let layout = PinLayout::new(&cfg.pin_root);
-        layout.create().map_err(io_err(format!("preparing pin directory {}", cfg.pin_root.display())))?;
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(layout.maps()).load(OBJECT)?;
+        layout.create().map_err(io_err(format!(
+            "preparing pin directory {}",
+            cfg.pin_root.display()
+        )))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(layout.maps())
+            .load(OBJECT)?;
         for (name, program) in ebpf.programs_mut() {
-            load_program(program).map_err(|source| Error::Program { name: static_name(name), source })?;
+            load_program(program).map_err(|source| Error::Program {
+                name: static_name(name),
+                source,
+            })?;
         }
         let object_id = object_id();
         let adopted = attach_cgroup_programs(&ebpf, &layout, &object_id, &cfg.cgroup)?;
@@ -206,8 +235,14 @@ impl Dataplane {
     }
 
     pub fn set_accelerate(&mut self, on: bool) -> Result<(), Error> {
-        let cfg = GlobalConfig { flags: if on { GLOBAL_ACCELERATE } else { 0 }, _pad: 0 };
-        self.config.set(0, cfg, 0).map_err(|source| Error::Map { name: maps::CONFIG, source })
+        let cfg = GlobalConfig {
+            flags: if on { GLOBAL_ACCELERATE } else { 0 },
+            _pad: 0,
+        };
+        self.config.set(0, cfg, 0).map_err(|source| Error::Map {
+            name: maps::CONFIG,
+            source,
+        })
     }
 
     /// Replaces the set of this node's own addresses: inbound TCP from them (kubelet probes)
@@ -216,17 +251,30 @@ impl Dataplane {
         let want: Vec<Addr> = addrs.iter().map(|ip| Addr::from(*ip)).collect();
         let have: Vec<Addr> = self.host_addrs.keys().filter_map(Result::ok).collect();
         for old in have.iter().filter(|a| !want.contains(a)) {
-            self.host_addrs.remove(old).map_err(|source| Error::Map { name: maps::HOST_ADDRS, source })?;
+            self.host_addrs.remove(old).map_err(|source| Error::Map {
+                name: maps::HOST_ADDRS,
+                source,
+            })?;
         }
         for new in want.iter().filter(|a| !have.contains(a)) {
-            self.host_addrs.insert(new, 1, 0).map_err(|source| Error::Map { name: maps::HOST_ADDRS, source })?;
+            self.host_addrs
+                .insert(new, 1, 0)
+                .map_err(|source| Error::Map {
+                    name: maps::HOST_ADDRS,
+                    source,
+                })?;
         }
         Ok(())
     }
 
     /// Enrolls the pod network namespace `netns` whose addresses are `ips`. Returns its netns
     /// cookie. On error nothing of the attempt is left behind.
-    pub fn enroll(&mut self, netns: &Netns, ips: &[IpAddr], opts: EnrollOptions) -> Result<u64, Error> {
+    pub fn enroll(
+        &mut self,
+        netns: &Netns,
+        ips: &[IpAddr],
+        opts: EnrollOptions,
+    ) -> Result<u64, Error> {
         if ips.len() > MAX_POD_IPS {
             return Err(Error::TooManyIps(ips.len()));
         }
@@ -258,11 +306,19 @@ impl Dataplane {
         }
     }
 
-    fn enroll_steps(&mut self, netns: &Netns, cookie: u64, cfg: &mut PodConfig, opts: EnrollOptions) -> Result<(), Error> {
+    fn enroll_steps(
+        &mut self,
+        netns: &Netns,
+        cookie: u64,
+        cfg: &mut PodConfig,
+        opts: EnrollOptions,
+    ) -> Result<(), Error> {
         let pod_dir = self.layout.pod(cookie);
         // Leftovers of an attempt interrupted by a crash.
-        pins::remove_tree(&pod_dir).map_err(io_err(format!("removing {}", pod_dir.display())))?;
-        std::fs::create_dir_all(&pod_dir).map_err(io_err(format!("creating {}", pod_dir.display())))?;
+        pins::detach_and_remove(&pod_dir)
+            .map_err(io_err(format!("removing {}", pod_dir.display())))?;
+        std::fs::create_dir_all(&pod_dir)
+            .map_err(io_err(format!("creating {}", pod_dir.display())))?;
         let lo_prog = self.prog_fd(progs::TC_LO_INGRESS)?;
         let eth_prog = self.prog_fd(progs::TC_POD_INGRESS)?;
         let l3_prog = self.prog_fd(progs::TC_POD_INGRESS_L3)?;
@@ -276,12 +332,19 @@ impl Dataplane {
             let result = (|| {
                 pod_net::set_fwmark_accept(1).map_err(io_err("setting tcp_fwmark_accept"))?;
                 let ifs = pod_net::interfaces().map_err(io_err("listing interfaces"))?;
-                let lo = ifs.iter().find(|i| i.kind == InterfaceKind::Loopback).ok_or(Error::NoLoopback(path.clone()))?;
+                let lo = ifs
+                    .iter()
+                    .find(|i| i.kind == InterfaceKind::Loopback)
+                    .ok_or(Error::NoLoopback(path.clone()))?;
                 pod_net::add_reply_route(lo.index).map_err(io_err("adding the reply route"))?;
                 attach_tc(lo_prog.as_fd(), lo.index, &pod_dir)?;
                 if !opts.bypass_inbound {
                     for i in ifs.iter().filter(|i| i.kind != InterfaceKind::Loopback) {
-                        let prog = if i.kind == InterfaceKind::Ethernet { eth_prog.as_fd() } else { l3_prog.as_fd() };
+                        let prog = if i.kind == InterfaceKind::Ethernet {
+                            eth_prog.as_fd()
+                        } else {
+                            l3_prog.as_fd()
+                        };
                         attach_tc(prog, i.index, &pod_dir)?;
                         debug!(interface = %i.name, "inbound redirection attached");
                     }
@@ -303,7 +366,12 @@ impl Dataplane {
             return Err(Error::NetnsVanished(netns.path().to_path_buf()));
         }
         // Publishing the config is what starts outbound redirection: last.
-        self.pods.insert(cookie, *cfg, 0).map_err(|source| Error::Map { name: maps::PODS, source })?;
+        self.pods
+            .insert(cookie, *cfg, 0)
+            .map_err(|source| Error::Map {
+                name: maps::PODS,
+                source,
+            })?;
         Ok(())
     }
 
@@ -311,8 +379,14 @@ impl Dataplane {
     /// are plain at once; established ones are left alone.
     pub fn unenroll(&mut self, netns: &Netns) -> Result<(), Error> {
         let cookie = netns.cookie()?;
-        let cfg = self.pods.get(&cookie, 0).map_err(|_| Error::NotEnrolled(netns.path().to_path_buf()))?;
-        self.pods.remove(&cookie).map_err(|source| Error::Map { name: maps::PODS, source })?;
+        let cfg = self
+            .pods
+            .get(&cookie, 0)
+            .map_err(|_| Error::NotEnrolled(netns.path().to_path_buf()))?;
+        self.pods.remove(&cookie).map_err(|source| Error::Map {
+            name: maps::PODS,
+            source,
+        })?;
         self.teardown(netns, cookie, cfg.saved_fwmark_accept)?;
         info!(netns = %netns.path().display(), cookie, "pod unenrolled");
         Ok(())
@@ -322,23 +396,36 @@ impl Dataplane {
     /// programs went with it). Harmless if it was never enrolled.
     pub fn forget(&mut self, cookie: u64) -> Result<(), Error> {
         match self.pods.remove(&cookie) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => return Err(Error::Map { name: maps::PODS, source }),
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(source) => {
+                return Err(Error::Map {
+                    name: maps::PODS,
+                    source,
+                });
+            }
         }
         let dir = self.layout.pod(cookie);
-        pins::remove_tree(&dir).map_err(io_err(format!("removing {}", dir.display())))
+        pins::detach_and_remove(&dir).map_err(io_err(format!("removing {}", dir.display())))
     }
 
     /// Undoes a pod's configuration: TC links (by unpinning), reply route, sysctl.
-    fn teardown(&mut self, netns: &Netns, cookie: u64, saved_fwmark_accept: u32) -> Result<(), Error> {
+    fn teardown(
+        &mut self,
+        netns: &Netns,
+        cookie: u64,
+        saved_fwmark_accept: u32,
+    ) -> Result<(), Error> {
         let dir = self.layout.pod(cookie);
-        pins::remove_tree(&dir).map_err(io_err(format!("removing {}", dir.display())))?;
+        pins::detach_and_remove(&dir).map_err(io_err(format!("removing {}", dir.display())))?;
         netns.run(|| -> Result<(), Error> {
             let ifs = pod_net::interfaces().map_err(io_err("listing interfaces"))?;
             if let Some(lo) = ifs.iter().find(|i| i.kind == InterfaceKind::Loopback) {
-                pod_net::remove_reply_route(lo.index).map_err(io_err("removing the reply route"))?;
+                pod_net::remove_reply_route(lo.index)
+                    .map_err(io_err("removing the reply route"))?;
             }
-            pod_net::set_fwmark_accept(saved_fwmark_accept).map_err(io_err("restoring tcp_fwmark_accept"))
+            pod_net::set_fwmark_accept(saved_fwmark_accept)
+                .map_err(io_err("restoring tcp_fwmark_accept"))
         })?
     }
 
@@ -373,7 +460,11 @@ impl Dataplane {
         Counter::ALL
             .iter()
             .map(|c| {
-                let total = self.counters.get(&(*c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+                let total = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
                 (*c, total)
             })
             .collect()
@@ -382,11 +473,31 @@ impl Dataplane {
     /// Entries in use and capacity per map (for status and metrics).
     pub fn map_fill(&self) -> Vec<MapFill> {
         vec![
-            MapFill { name: maps::PODS, used: self.pods.keys().count(), capacity: 8192 },
-            MapFill { name: maps::HOST_ADDRS, used: self.host_addrs.keys().count(), capacity: 1024 },
-            MapFill { name: maps::FLOW_ORIG, used: self.flows.keys().count(), capacity: 65536 },
-            MapFill { name: maps::SOCKS, used: self.socks.keys().count(), capacity: 65536 },
-            MapFill { name: maps::NO_ACCEL, used: self.no_accel.keys().count(), capacity: 65536 },
+            MapFill {
+                name: maps::PODS,
+                used: self.pods.keys().count(),
+                capacity: 8192,
+            },
+            MapFill {
+                name: maps::HOST_ADDRS,
+                used: self.host_addrs.keys().count(),
+                capacity: 1024,
+            },
+            MapFill {
+                name: maps::FLOW_ORIG,
+                used: self.flows.keys().count(),
+                capacity: 65536,
+            },
+            MapFill {
+                name: maps::SOCKS,
+                used: self.socks.keys().count(),
+                capacity: 65536,
+            },
+            MapFill {
+                name: maps::NO_ACCEL,
+                used: self.no_accel.keys().count(),
+                capacity: 65536,
+            },
         ]
     }
 
@@ -408,15 +519,30 @@ impl Dataplane {
         // Pods dirs of namespaces that are gone but were never unenrolled.
         let root = self.layout.root().to_path_buf();
         drop(self);
-        pins::remove_tree(&root).map_err(io_err(format!("removing {}", root.display())))?;
+        pins::detach_and_remove(&root).map_err(io_err(format!("removing {}", root.display())))?;
         info!(root = %root.display(), "dataplane uninstalled");
         Ok(())
     }
 
     fn prog_fd(&self, name: &'static str) -> Result<OwnedFd, Error> {
-        let program = self.ebpf.program(name).ok_or(Error::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
-        let fd = program.fd().map_err(|source| Error::Program { name, source })?;
-        fd.as_fd().try_clone_to_owned().map_err(io_err(format!("duplicating the fd of {name}")))
+        let program = self.ebpf.program(name).ok_or(Error::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?;
+        let fd = program
+            .fd()
+            .map_err(|source| Error::Program { name, source })?;
+        fd.as_fd()
+            .try_clone_to_owned()
+            .map_err(io_err(format!("duplicating the fd of {name}")))
+    }
+}
+
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 
@@ -453,16 +579,28 @@ fn load_program(program: &mut Program) -> Result<(), aya::programs::ProgramError
     }
 }
 
-fn take_map<V: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<V, Error> {
-    let map = ebpf.take_map(name).ok_or(Error::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } })?;
+fn take_map<V: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<V, Error> {
+    let map = ebpf.take_map(name).ok_or(Error::Map {
+        name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    })?;
     V::try_from(map).map_err(|source| Error::Map { name, source })
 }
 
 /// Attaches (or adopts) this build's cgroup programs, then detaches other builds'.
-fn attach_cgroup_programs(ebpf: &Ebpf, layout: &PinLayout, object_id: &str, cgroup: &Path) -> Result<bool, Error> {
+fn attach_cgroup_programs(
+    ebpf: &Ebpf,
+    layout: &PinLayout,
+    object_id: &str,
+    cgroup: &Path,
+) -> Result<bool, Error> {
     let dir = layout.cgroup_links(object_id);
     std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    let cgroup_dir = File::open(cgroup).map_err(io_err(format!("opening cgroup {}", cgroup.display())))?;
+    let cgroup_dir =
+        File::open(cgroup).map_err(io_err(format!("opening cgroup {}", cgroup.display())))?;
     let mut adopted = true;
     for (name, attach_type) in CGROUP_PROGRAMS {
         let pin = dir.join(name);
@@ -470,18 +608,27 @@ fn attach_cgroup_programs(ebpf: &Ebpf, layout: &PinLayout, object_id: &str, cgro
             continue;
         }
         adopted = false;
-        let program = ebpf.program(name).ok_or(Error::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
-        let fd = program.fd().map_err(|source| Error::Program { name, source })?;
+        let program = ebpf.program(name).ok_or(Error::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?;
+        let fd = program
+            .fd()
+            .map_err(|source| Error::Program { name, source })?;
         let link = link_create(fd.as_fd(), cgroup_dir.as_raw_fd() as u32, attach_type)
             .map_err(io_err(format!("attaching {name} to {}", cgroup.display())))?;
         // A stale non-link file in the way would make pinning fail.
         let _ = std::fs::remove_file(&pin);
         obj_pin(link.as_fd(), &pin).map_err(io_err(format!("pinning {}", pin.display())))?;
     }
-    for entry in std::fs::read_dir(layout.cgroup_dir()).map_err(io_err("listing cgroup links"))?.flatten() {
+    for entry in std::fs::read_dir(layout.cgroup_dir())
+        .map_err(io_err("listing cgroup links"))?
+        .flatten()
+    {
         if entry.file_name() != *object_id {
             info!(build = ?entry.file_name(), "replacing the cgroup programs of another build");
-            pins::remove_tree(&entry.path()).map_err(io_err(format!("removing {}", entry.path().display())))?;
+            pins::detach_and_remove(&entry.path())
+                .map_err(io_err(format!("removing {}", entry.path().display())))?;
         }
     }
     Ok(adopted)
@@ -491,18 +638,36 @@ fn attach_cgroup_programs(ebpf: &Ebpf, layout: &PinLayout, object_id: &str, cgro
 /// map, so the link handle is deliberately leaked: dropping it would detach.
 fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), Error> {
     let map_fd = {
-        let map = ebpf.map(maps::SOCKS).ok_or(Error::Map { name: maps::SOCKS, source: aya::maps::MapError::InvalidName { name: maps::SOCKS.into() } })?;
-        let socks = SockHash::<_, SockKey>::try_from(map).map_err(|source| Error::Map { name: maps::SOCKS, source })?;
-        socks.fd().try_clone().map_err(io_err("duplicating the sockhash fd"))?
+        let map = ebpf.map(maps::SOCKS).ok_or(Error::Map {
+            name: maps::SOCKS,
+            source: aya::maps::MapError::InvalidName {
+                name: maps::SOCKS.into(),
+            },
+        })?;
+        let socks = SockHash::<_, SockKey>::try_from(map).map_err(|source| Error::Map {
+            name: maps::SOCKS,
+            source,
+        })?;
+        socks
+            .fd()
+            .try_clone()
+            .map_err(io_err("duplicating the sockhash fd"))?
     };
     let name = progs::SK_MSG;
     let program: &mut SkMsg = ebpf
         .program_mut(name)
-        .ok_or(Error::Program { name, source: aya::programs::ProgramError::NotLoaded })?
+        .ok_or(Error::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?
         .try_into()
         .map_err(|source| Error::Program { name, source })?;
-    let id = program.attach(&map_fd).map_err(|source| Error::Program { name, source })?;
-    let link = program.take_link(id).map_err(|source| Error::Program { name, source })?;
+    let id = program
+        .attach(&map_fd)
+        .map_err(|source| Error::Program { name, source })?;
+    let link = program
+        .take_link(id)
+        .map_err(|source| Error::Program { name, source })?;
     std::mem::forget(link);
     Ok(())
 }
@@ -511,8 +676,15 @@ fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), Error> {
 /// the link in `pod_dir`.
 fn attach_tc(prog: BorrowedFd<'_>, ifindex: u32, pod_dir: &Path) -> Result<(), Error> {
     let link = link_create(prog, ifindex, BPF_TCX_INGRESS).map_err(|e| {
-        let hint = if e.raw_os_error() == Some(libc::EINVAL) { " (TCX needs kernel ≥ 6.6)" } else { "" };
-        Error::Io { what: format!("attaching TC ingress to ifindex {ifindex}{hint}"), source: e }
+        let hint = if e.raw_os_error() == Some(libc::EINVAL) {
+            " (TCX needs kernel ≥ 6.6)"
+        } else {
+            ""
+        };
+        Error::Io {
+            what: format!("attaching TC ingress to ifindex {ifindex}{hint}"),
+            source: e,
+        }
     })?;
     let pin = pod_dir.join(format!("tc-{ifindex}"));
     obj_pin(link.as_fd(), &pin).map_err(io_err(format!("pinning {}", pin.display())))

@@ -59,10 +59,18 @@ impl PinLayout {
             if parent == Path::new(DEFAULT_BPFFS) {
                 mount_bpffs(parent)?;
             } else {
-                return Err(io::Error::other(format!("{} is not on a bpf filesystem", parent.display())));
+                return Err(io::Error::other(format!(
+                    "{} is not on a bpf filesystem",
+                    parent.display()
+                )));
             }
         }
-        for dir in [self.root.clone(), self.maps(), self.cgroup_dir(), self.pods()] {
+        for dir in [
+            self.root.clone(),
+            self.maps(),
+            self.cgroup_dir(),
+            self.pods(),
+        ] {
             std::fs::create_dir_all(&dir)?;
         }
         Ok(())
@@ -71,7 +79,7 @@ impl PinLayout {
 
 fn is_bpffs(path: &Path) -> io::Result<bool> {
     match nix::sys::statfs::statfs(path) {
-        Ok(fs) => Ok(fs.filesystem_type().0 as i64 == BPF_FS_MAGIC),
+        Ok(fs) => Ok(fs.filesystem_type().0 == BPF_FS_MAGIC),
         Err(nix::errno::Errno::ENOENT) => Ok(false),
         Err(e) => Err(e.into()),
     }
@@ -79,11 +87,38 @@ fn is_bpffs(path: &Path) -> io::Result<bool> {
 
 fn mount_bpffs(path: &Path) -> io::Result<()> {
     std::fs::create_dir_all(path)?;
-    nix::mount::mount(Some("bpf"), path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)?;
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )?;
     Ok(())
 }
 
-/// Removes a pin directory tree; removing a link's pin detaches the link.
+/// Detaches every link pinned under `path`, then removes the tree.
+pub fn detach_and_remove(path: &Path) -> io::Result<()> {
+    detach_links(path);
+    remove_tree(path)
+}
+
+fn detach_links(path: &Path) {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let p = entry.path();
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            detach_links(&p);
+        } else if let Ok(fd) = super::bpf_sys::obj_get(&p) {
+            // Maps and programs refuse LINK_DETACH; only links are detached.
+            let _ = super::bpf_sys::link_detach(std::os::fd::AsFd::as_fd(&fd));
+        }
+    }
+}
+
+/// Removes a pin directory tree.
 pub fn remove_tree(path: &Path) -> io::Result<()> {
     match std::fs::remove_dir_all(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

@@ -10,10 +10,10 @@ use std::{
 
 use futures_util::TryStreamExt as _;
 use netlink_packet_route::{
+    AddressFamily,
     link::{LinkAttribute, LinkLayerType},
     route::{RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute, RuleMessage},
-    AddressFamily,
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 use sluice_common::{MARK_MASK, REPLY_MARK, REPLY_ROUTE_TABLE, REPLY_RULE_PRIORITY};
@@ -39,7 +39,9 @@ pub enum InterfaceKind {
 /// Runs a netlink conversation on a private single-threaded runtime (we are on a short-lived
 /// thread inside the pod netns, not on the agent's runtime).
 fn with_netlink<T>(f: impl AsyncFnOnce(Handle) -> io::Result<T>) -> io::Result<T> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
     rt.block_on(async {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         let task = tokio::spawn(conn);
@@ -79,7 +81,11 @@ pub fn interfaces() -> io::Result<Vec<Interface>> {
                 LinkLayerType::Ether => InterfaceKind::Ethernet,
                 _ => InterfaceKind::Layer3,
             };
-            out.push(Interface { name, index: link.header.index, kind });
+            out.push(Interface {
+                name,
+                index: link.header.index,
+                kind,
+            });
         }
         Ok(out)
     })
@@ -101,9 +107,17 @@ pub fn add_reply_route(lo_index: u32) -> io::Result<()> {
                 Err(e) if v6 && is_errno(&e, libc::EAFNOSUPPORT) => continue,
                 Err(e) => return Err(e),
             }
-            match handle.route().add(local_default(v6, lo_index)).replace().execute().await.map_err(nl_err) {
+            match handle
+                .route()
+                .add(local_default(v6, lo_index))
+                .replace()
+                .execute()
+                .await
+                .map_err(nl_err)
+            {
                 Ok(()) => {}
-                Err(e) if v6 && (is_errno(&e, libc::EAFNOSUPPORT) || is_errno(&e, libc::EACCES)) => {}
+                Err(e)
+                    if v6 && (is_errno(&e, libc::EAFNOSUPPORT) || is_errno(&e, libc::EACCES)) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -115,14 +129,29 @@ pub fn add_reply_route(lo_index: u32) -> io::Result<()> {
 pub fn remove_reply_route(lo_index: u32) -> io::Result<()> {
     with_netlink(async |handle| {
         for v6 in [false, true] {
-            match handle.rule().del(reply_rule(v6)).execute().await.map_err(nl_err) {
+            match handle
+                .rule()
+                .del(reply_rule(v6))
+                .execute()
+                .await
+                .map_err(nl_err)
+            {
                 Ok(()) => {}
                 Err(e) if is_errno(&e, libc::ENOENT) || is_errno(&e, libc::EAFNOSUPPORT) => {}
                 Err(e) => return Err(e),
             }
-            match handle.route().del(local_default(v6, lo_index)).execute().await.map_err(nl_err) {
+            match handle
+                .route()
+                .del(local_default(v6, lo_index))
+                .execute()
+                .await
+                .map_err(nl_err)
+            {
                 Ok(()) => {}
-                Err(e) if is_errno(&e, libc::ESRCH) || is_errno(&e, libc::ENOENT) || is_errno(&e, libc::EAFNOSUPPORT) => {}
+                Err(e)
+                    if is_errno(&e, libc::ESRCH)
+                        || is_errno(&e, libc::ENOENT)
+                        || is_errno(&e, libc::EAFNOSUPPORT) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -133,11 +162,17 @@ pub fn remove_reply_route(lo_index: u32) -> io::Result<()> {
 /// Whether the reply rule is present (for status and tests).
 pub fn has_reply_rule(v6: bool) -> io::Result<bool> {
     with_netlink(async |handle| {
-        let version = if v6 { rtnetlink::IpVersion::V6 } else { rtnetlink::IpVersion::V4 };
+        let version = if v6 {
+            rtnetlink::IpVersion::V6
+        } else {
+            rtnetlink::IpVersion::V4
+        };
         let mut rules = handle.rule().get(version).execute();
         while let Some(rule) = rules.try_next().await.map_err(nl_err)? {
             let has = |want: &RuleAttribute| rule.attributes.iter().any(|a| a == want);
-            if has(&RuleAttribute::FwMark(REPLY_MARK)) && has(&RuleAttribute::Table(REPLY_ROUTE_TABLE)) {
+            if has(&RuleAttribute::FwMark(REPLY_MARK))
+                && has(&RuleAttribute::Table(REPLY_ROUTE_TABLE))
+            {
                 return Ok(true);
             }
         }
@@ -147,7 +182,11 @@ pub fn has_reply_rule(v6: bool) -> io::Result<bool> {
 
 fn reply_rule(v6: bool) -> RuleMessage {
     let mut msg = RuleMessage::default();
-    msg.header.family = if v6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
+    msg.header.family = if v6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
     msg.header.action = RuleAction::ToTable;
     // Tables above 255 only fit the attribute; 100 fits both, set both like iproute2.
     msg.header.table = REPLY_ROUTE_TABLE as u8;
@@ -184,7 +223,12 @@ fn local_default(v6: bool, lo_index: u32) -> netlink_packet_route::route::RouteM
 /// the SYN's mark, which is how the app's side of a ztunnel→app connection gets REPLY_MARK.
 pub fn fwmark_accept() -> io::Result<u32> {
     let v = std::fs::read_to_string(FWMARK_ACCEPT)?;
-    v.trim().parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{FWMARK_ACCEPT}: {v:?}")))
+    v.trim().parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{FWMARK_ACCEPT}: {v:?}"),
+        )
+    })
 }
 
 pub fn set_fwmark_accept(value: u32) -> io::Result<()> {

@@ -224,10 +224,33 @@ pub fn cgroup_attached_prog_ids(cgroup: &Cgroup, attach_type: u32) -> Result<Vec
 
 /// Like [`cgroup_attached_prog_ids`] for any attach target fd (cgroup dir, netns, ...).
 pub fn prog_ids_attached_to(target: BorrowedFd<'_>, attach_type: u32) -> Result<Vec<u32>> {
+    query(target.as_raw_fd() as u32, attach_type)
+}
+
+/// `BPF_TCX_INGRESS`.
+pub const BPF_TCX_INGRESS: u32 = 46;
+
+/// Names of the TCX ingress programs on interface `ifname` of the netns at `netns`: what the
+/// kernel has attached there, whoever attached it.
+pub fn tcx_ingress_prog_names(netns: &std::path::Path, ifname: &str) -> Result<Vec<String>> {
+    let ifname = std::ffi::CString::new(ifname)?;
+    let ids = super::netns::run_in_netns(netns, || {
+        // SAFETY: valid NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
+        if ifindex == 0 {
+            return Err(std::io::Error::last_os_error()).context("if_nametoindex");
+        }
+        query(ifindex, BPF_TCX_INGRESS)
+    })??;
+    ids.into_iter().map(prog_name).collect()
+}
+
+fn query(target: u32, attach_type: u32) -> Result<Vec<u32>> {
     let mut ids = vec![0u32; 64];
     loop {
         let mut attr = ProgQueryAttr {
-            target_fd: target.as_raw_fd() as u32,
+            // For TCX this field is the ifindex.
+            target_fd: target,
             attach_type,
             prog_ids: ids.as_mut_ptr() as u64,
             prog_cnt: ids.len() as u32,
