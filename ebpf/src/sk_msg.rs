@@ -22,7 +22,7 @@ pub fn sl_sk_msg(ctx: SkMsgContext) -> u32 {
         return SK_PASS;
     };
     // SAFETY: read-only lookup.
-    if unsafe { NO_ACCEL.get(&key) }.is_some() {
+    if unsafe { NO_ACCEL.get(key) }.is_some() {
         return SK_PASS;
     }
     let mut peer = key.reversed();
@@ -30,7 +30,7 @@ pub fn sl_sk_msg(ctx: SkMsgContext) -> u32 {
     // target, and SK_PASS then means "the normal way". That socket keeps the normal way for
     // good, so that none of its later bytes can overtake earlier ones.
     if SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) as u32 != SK_PASS {
-        let _ = NO_ACCEL.insert(&key, &1, u64::from(BPF_ANY));
+        let _ = NO_ACCEL.insert(key, 1, u64::from(BPF_ANY));
         bump(Counter::AccelFallback);
         return SK_PASS;
     }

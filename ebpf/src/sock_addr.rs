@@ -121,7 +121,7 @@ fn enrolled_pod(ctx: &SockAddrContext) -> Option<&'static PodConfig> {
     // SAFETY: helper valid for sock_addr programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only use of a map value.
-    let pod = unsafe { PODS.get(&netns) }?;
+    let pod = unsafe { PODS.get(netns) }?;
     // SAFETY: sock_addr programs always have a socket.
     let mark = unsafe { read_volatile(addr_of!((*(*ctx.sock_addr).__bindgen_anon_1.sk).mark)) };
     if mark & MARK_MASK == ZTUNNEL_MARK {

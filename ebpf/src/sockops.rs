@@ -112,7 +112,7 @@ fn record_flow(ctx: &SockOpsContext) {
     let Some(key) = sock_key(ctx) else { return };
     // SAFETY: non-null storage of this socket.
     let orig = unsafe { *orig };
-    if FLOW_ORIG.insert(&key, &orig, u64::from(BPF_ANY)).is_err() {
+    if FLOW_ORIG.insert(key, orig, u64::from(BPF_ANY)).is_err() {
         bump(Counter::FlowTableFull);
     }
 }
@@ -124,7 +124,7 @@ fn accelerate(ctx: &SockOpsContext) {
     }
     let Some(mut key) = sock_key(ctx) else { return };
     // SAFETY: read-only map value.
-    let Some(pod) = (unsafe { PODS.get(&key.netns) }) else {
+    let Some(pod) = (unsafe { PODS.get(key.netns) }) else {
         return;
     };
     let sk = sk_of(ctx);

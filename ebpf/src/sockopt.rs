@@ -107,7 +107,7 @@ fn answer_original_dst(ctx: &SockoptContext, want_v6: bool) {
         _pad: 0,
     };
     // SAFETY: read-only map value.
-    let Some(orig) = (unsafe { FLOW_ORIG.get(&key) }) else {
+    let Some(orig) = (unsafe { FLOW_ORIG.get(key) }) else {
         return;
     };
     // Like the kernel: the IPv4 option answers IPv4 destinations, the IPv6 option IPv6 ones.

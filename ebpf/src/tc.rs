@@ -12,7 +12,7 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple},
+    bindings::{BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple},
     helpers::generated::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::classifier,
     programs::TcContext,
@@ -46,7 +46,7 @@ pub fn sl_pod_ingr_l3(ctx: TcContext) -> i32 {
 pub fn sl_lo_ingress(ctx: TcContext) -> i32 {
     let mark = skb_mark(&ctx);
     if mark & MARK_MASK != ZTUNNEL_MARK {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     if let Ok(Parsed::Tcp(pkt)) = parse(&ctx, ETH_HLEN)
         && pkt.is_syn()
@@ -54,7 +54,7 @@ pub fn sl_lo_ingress(ctx: TcContext) -> i32 {
         ctx.set_mark((mark & !MARK_MASK) | REPLY_MARK);
         bump(Counter::ReplyMarked);
     }
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 #[inline(always)]
@@ -62,14 +62,14 @@ fn pod_ingress(ctx: &TcContext, l3: usize) -> i32 {
     let pkt = match parse(ctx, l3) {
         Ok(Parsed::Tcp(pkt)) => pkt,
         // A TCP fragment could reassemble into a SYN that reaches the app around ztunnel.
-        Ok(Parsed::TcpFragment) => return TC_ACT_SHOT as i32,
-        Ok(Parsed::Other) | Err(_) => return TC_ACT_OK as i32,
+        Ok(Parsed::TcpFragment) => return TC_ACT_SHOT,
+        Ok(Parsed::Other) | Err(_) => return TC_ACT_OK,
     };
     if pkt.dport == PORT_HBONE
         || skb_mark(ctx) & MARK_MASK == ZTUNNEL_MARK
         || from_this_node(&pkt.src)
     {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     to_ztunnel(ctx, &pkt)
 }
@@ -130,37 +130,37 @@ fn to_ztunnel(ctx: &TcContext, pkt: &TcpPacket) -> i32 {
     let (mut t, len) = tuple(pkt, pkt.dport);
     // SAFETY: helper contract: tuple of `len` bytes; the returned socket is released.
     unsafe {
-        let sk = bpf_skc_lookup_tcp(skb, &mut t, len, netns, 0) as *mut bpf_sock;
+        let sk = bpf_skc_lookup_tcp(skb, &mut t, len, netns, 0);
         if !sk.is_null() {
             let state = (*sk).state;
             bpf_sk_release(sk.cast());
             if state != TCP_LISTEN && !(state == TCP_TIME_WAIT && pkt.is_syn()) {
-                return TC_ACT_OK as i32;
+                return TC_ACT_OK;
             }
         }
     }
     let (mut t, len) = tuple(pkt, PORT_INBOUND);
     // SAFETY: as above.
     unsafe {
-        let listener = bpf_sk_lookup_tcp(skb, &mut t, len, netns, 0) as *mut bpf_sock;
+        let listener = bpf_sk_lookup_tcp(skb, &mut t, len, netns, 0);
         if listener.is_null() {
             bump(Counter::InboundNoListener);
-            return TC_ACT_SHOT as i32;
+            return TC_ACT_SHOT;
         }
         if (*listener).state != TCP_LISTEN {
             bpf_sk_release(listener.cast());
             bump(Counter::InboundNoListener);
-            return TC_ACT_SHOT as i32;
+            return TC_ACT_SHOT;
         }
         let assigned = bpf_sk_assign(skb, listener.cast(), 0);
         bpf_sk_release(listener.cast());
         if assigned != 0 {
             bump(Counter::InboundNoListener);
-            return TC_ACT_SHOT as i32;
+            return TC_ACT_SHOT;
         }
     }
     if pkt.is_syn() {
         bump(Counter::InboundRedirected);
     }
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }

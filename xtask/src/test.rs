@@ -43,6 +43,21 @@ fn steps(extra: &[String]) -> Result<()> {
     // No `--workspace` here or below: the default members are every crate except the eBPF
     // one, which only builds for the bpf target (the agent's build.rs builds and embeds it).
     cmd::run(cmd::cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // The eBPF crate gets its own clippy run, on the toolchain and target it is built with.
+    cmd::run(cmd::cargo().args([
+        "+nightly",
+        "clippy",
+        "--package",
+        "sluice-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
 
     let mut test = cmd::cargo();
     test.arg("test").env("RUST_BACKTRACE", "1");
