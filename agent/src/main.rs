@@ -1,1 +1,69 @@
-fn main() {}
+use std::{process::ExitCode, time::Duration};
+
+use clap::Parser as _;
+use sluice_agent::{
+    cli::{Cli, Command},
+    control::{
+        api::{EnrollRequest, Request},
+        client,
+    },
+    logging, run, status, uninstall,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(&cli.log_level, cli.log_format);
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let socket = cli.control_socket;
+    match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(run::run(args, socket)),
+        Command::Enroll(a) => {
+            let wait = a.wait_ms.unwrap_or(5000);
+            let req = Request::Enroll(EnrollRequest {
+                uid: a.uid,
+                name: a.name,
+                namespace: a.namespace,
+                service_account: a.service_account,
+                netns: a.netns,
+                ips: a.ips,
+                dns_capture: a.dns_capture,
+                bypass_inbound: a.bypass_inbound,
+                wait_ms: a.wait_ms,
+            });
+            let result = client::call(
+                &socket,
+                &req,
+                Duration::from_millis(wait) + Duration::from_secs(30),
+            )?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Command::Unenroll { uid } => {
+            client::call(&socket, &Request::Unenroll { uid }, Duration::from_secs(30))?;
+            Ok(())
+        }
+        Command::Status { json } => {
+            let result = client::call(&socket, &Request::Status, Duration::from_secs(10))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                let s: status::Status = serde_json::from_value(result)?;
+                print!("{}", status::render(&s));
+            }
+            Ok(())
+        }
+        Command::Uninstall(args) => uninstall::uninstall(&args, &socket),
+    }
+}

@@ -107,6 +107,19 @@ pub struct MapFill {
     pub capacity: usize,
 }
 
+/// One pinned link, as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LinkStatus {
+    /// The pin's name: the program (cgroup links) or `tc-<ifindex>` (pod links).
+    pub pin: String,
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// `cgroup`, `tcx`, or the kernel's link type number.
+    pub kind: String,
+    /// For pod links: the netns cookie.
+    pub netns_cookie: Option<u64>,
+}
+
 /// Points inside `enroll`, for tests that make the world change mid-way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnrollStage {
@@ -468,6 +481,46 @@ impl Dataplane {
                 (*c, total)
             })
             .collect()
+    }
+
+    /// Every pinned link: this build's cgroup links and each pod's TC links.
+    pub fn links(&self) -> Vec<LinkStatus> {
+        let mut out = Vec::new();
+        let mut scan = |dir: &Path, cookie: Option<u64>| {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            let mut entries: Vec<_> = entries.flatten().collect();
+            entries.sort_by_key(|e| e.file_name());
+            for entry in entries {
+                let Ok(fd) = bpf_sys::obj_get(&entry.path()) else {
+                    continue;
+                };
+                let Ok(info) = bpf_sys::link_info(fd.as_fd()) else {
+                    continue;
+                };
+                let kind = match info.link_type {
+                    bpf_sys::BPF_LINK_TYPE_CGROUP => "cgroup".to_string(),
+                    bpf_sys::BPF_LINK_TYPE_TCX => "tcx".to_string(),
+                    other => other.to_string(),
+                };
+                out.push(LinkStatus {
+                    pin: entry.file_name().to_string_lossy().into_owned(),
+                    link_id: info.id,
+                    prog_id: info.prog_id,
+                    kind,
+                    netns_cookie: cookie,
+                });
+            }
+        };
+        scan(&self.layout.cgroup_links(&self.object_id), None);
+        if let Ok(pods) = std::fs::read_dir(self.layout.pods()) {
+            for pod in pods.flatten() {
+                let cookie = pod.file_name().to_string_lossy().parse().ok();
+                scan(&pod.path(), cookie);
+            }
+        }
+        out
     }
 
     /// Entries in use and capacity per map (for status and metrics).

@@ -91,6 +91,24 @@ pub fn interfaces() -> io::Result<Vec<Interface>> {
     })
 }
 
+/// Every address configured in the namespace (any interface, both families).
+pub fn addresses() -> io::Result<Vec<std::net::IpAddr>> {
+    with_netlink(async |handle| {
+        let mut addrs = handle.address().get().execute();
+        let mut out = Vec::new();
+        while let Some(msg) = addrs.try_next().await.map_err(nl_err)? {
+            for attr in &msg.attributes {
+                if let netlink_packet_route::address::AddressAttribute::Address(ip) = attr {
+                    out.push(*ip);
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    })
+}
+
 /// `ip rule add fwmark 0x111/0xfff lookup 100 pref 32764` and
 /// `ip route add local default dev lo table 100`, for IPv4 and (if available) IPv6.
 /// Idempotent: rules or routes already there are fine.

@@ -1,0 +1,141 @@
+//! Command line. Every flag can also come from an environment variable; where istio-cni has an
+//! equivalent setting, its variable name is accepted (ZTUNNEL_UDS_ADDRESS, MONITORING_PORT,
+//! AMBIENT_DNS_CAPTURE, AMBIENT_IPV6, NODE_NAME, POD_NAMESPACE).
+use std::{net::IpAddr, net::SocketAddr, path::PathBuf};
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+pub const DEFAULT_CONTROL_SOCKET: &str = "/var/run/sluice/agent.sock";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice-agent",
+    version,
+    about = "Sluice: eBPF traffic redirection for Istio ambient mode"
+)]
+pub struct Cli {
+    /// Log level or filter (e.g. `info`, `debug`, `sluice_agent=debug,info`).
+    #[arg(long, global = true, env = "SLUICE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// The agent's control socket (enroll/unenroll/status); root only.
+    #[arg(long, global = true, env = "SLUICE_CONTROL_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
+    pub control_socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent: load and pin the dataplane, serve ztunnel (ZDS) and the control socket.
+    Run(RunArgs),
+    /// Enroll a pod network namespace (standalone mode; the CNI plugin does this on a cluster).
+    Enroll(EnrollArgs),
+    /// Stop redirecting a pod.
+    Unenroll {
+        #[arg(long)]
+        uid: String,
+    },
+    /// What is enrolled, what is attached, map fill levels and counters.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove everything the agent put on this node (pins, links, pod rules, sockets, state).
+    /// Stops a running agent first.
+    Uninstall(NodeArgs),
+}
+
+/// Where the agent keeps its things on the node.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// bpffs directory for pinned maps and links (bpffs is mounted at /sys/fs/bpf if needed).
+    #[arg(long, env = "SLUICE_PIN_ROOT", default_value = crate::dataplane::DEFAULT_PIN_ROOT)]
+    pub pin_root: PathBuf,
+    /// cgroup v2 directory the programs attach to (default: the cgroup2 root, i.e. every pod).
+    #[arg(long, env = "SLUICE_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+    /// The ZDS socket ztunnel connects to.
+    #[arg(
+        long,
+        env = "ZTUNNEL_UDS_ADDRESS",
+        default_value = "/var/run/ztunnel/ztunnel.sock"
+    )]
+    pub zds_socket: PathBuf,
+    /// Where the pod table is persisted.
+    #[arg(
+        long,
+        env = "SLUICE_STATE_DIR",
+        default_value = "/var/run/sluice/state"
+    )]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Health endpoint (`/healthz`, `/readyz`).
+    #[arg(long, env = "SLUICE_HEALTH_ADDR", default_value = "0.0.0.0:8000")]
+    pub health_addr: SocketAddr,
+    /// Prometheus metrics port (`/metrics`).
+    #[arg(long, env = "MONITORING_PORT", default_value_t = 15014)]
+    pub metrics_port: u16,
+    /// Address the metrics port binds on.
+    #[arg(long, env = "SLUICE_METRICS_BIND", default_value = "0.0.0.0")]
+    pub metrics_bind: IpAddr,
+    /// Short-circuit app↔ztunnel bytes with sockmap.
+    #[arg(long, env = "SLUICE_ACCELERATE", action = ArgAction::Set, default_value_t = false)]
+    pub accelerate: bool,
+    /// Capture pods' DNS by default (per-pod annotation overrides).
+    #[arg(long, env = "AMBIENT_DNS_CAPTURE", action = ArgAction::Set, default_value_t = true)]
+    pub dns_capture: bool,
+    /// Redirect pods' IPv6 traffic too.
+    #[arg(long, env = "AMBIENT_IPV6", action = ArgAction::Set, default_value_t = true)]
+    pub ipv6: bool,
+    /// Seconds to wait for ztunnel's answer to one request before dropping the connection.
+    #[arg(long, env = "SLUICE_ZDS_ACK_TIMEOUT", default_value_t = 10)]
+    pub zds_ack_timeout: u64,
+    /// Milliseconds an enroll request waits for ztunnel's ACK by default.
+    #[arg(long, env = "SLUICE_ENROLL_WAIT_MS", default_value_t = 5000)]
+    pub enroll_wait_ms: u64,
+    /// This node's name (informational in standalone mode).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The agent's own namespace (informational in standalone mode).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// Path of the pod's network namespace.
+    #[arg(long)]
+    pub netns: PathBuf,
+    #[arg(long)]
+    pub uid: String,
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub namespace: String,
+    #[arg(long, default_value = "default")]
+    pub service_account: String,
+    /// A pod IP (repeat for dual stack).
+    #[arg(long = "ip", required = true)]
+    pub ips: Vec<IpAddr>,
+    /// Override the agent's DNS capture default for this pod.
+    #[arg(long, action = ArgAction::Set)]
+    pub dns_capture: Option<bool>,
+    #[arg(long)]
+    pub bypass_inbound: bool,
+    /// Milliseconds to wait for ztunnel's ACK.
+    #[arg(long)]
+    pub wait_ms: Option<u64>,
+}

@@ -1,0 +1,155 @@
+//! `sluice-agent run`: bring the agent up in an order that makes `/readyz` mean something,
+//! serve until SIGTERM (or a `shutdown` request), then stop gracefully with redirection left
+//! in place.
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{signal::unix::SignalKind, sync::watch};
+use tracing::{info, warn};
+
+use crate::{
+    agent::{Agent, AgentSettings},
+    cli::RunArgs,
+    control, dataplane,
+    dataplane::DataplaneConfig,
+    http,
+    metrics::Metrics,
+    zds::{self, ConnConfig, Hub, RetryPolicy},
+};
+
+/// How often the node's own addresses (exempt from inbound redirection) are refreshed.
+const HOST_ADDR_REFRESH: Duration = Duration::from_secs(30);
+
+pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::Result<()> {
+    info!(
+        node = args.node_name.as_deref().unwrap_or(""),
+        "sluice agent starting"
+    );
+    let metrics = Arc::new(Metrics::new());
+    let hub = Hub::new(RetryPolicy::default());
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+
+    // Health and metrics first: /readyz answers "not ready" while the state is restored.
+    let health = http::bind(args.health_addr)
+        .await
+        .with_context(|| format!("binding {}", args.health_addr))?;
+    tasks.spawn(http::serve_health(
+        health,
+        Arc::clone(&ready),
+        stop_rx.clone(),
+    ));
+    let metrics_addr = SocketAddr::new(args.metrics_bind, args.metrics_port);
+    let metrics_listener = http::bind(metrics_addr)
+        .await
+        .with_context(|| format!("binding {metrics_addr}"))?;
+    tasks.spawn(http::serve_metrics(
+        metrics_listener,
+        Arc::clone(&metrics),
+        stop_rx.clone(),
+    ));
+
+    let cgroup = match &args.node.cgroup {
+        Some(c) => c.clone(),
+        None => dataplane::cgroup2_root().context("finding the cgroup2 mount")?,
+    };
+    let dp_config = DataplaneConfig {
+        pin_root: args.node.pin_root.clone(),
+        cgroup,
+        accelerate: args.accelerate,
+    };
+    let settings = AgentSettings {
+        dns_capture: args.dns_capture,
+        ipv6: args.ipv6,
+        ack_wait: Duration::from_millis(args.enroll_wait_ms),
+    };
+    let state_dir = args.node.state_dir.clone();
+    let (h, m, r) = (Arc::clone(&hub), Arc::clone(&metrics), Arc::clone(&ready));
+    let agent = tokio::task::spawn_blocking(move || {
+        Agent::start(&dp_config, &state_dir, settings, h, m, r)
+    })
+    .await?
+    .context("starting the agent")?;
+    refresh_host_addrs(&agent).await;
+
+    let zds_server = zds::Server::bind(&args.node.zds_socket).context("binding the ZDS socket")?;
+    let control_server =
+        control::server::Server::bind(&control_socket).context("binding the control socket")?;
+    let conn_cfg = ConnConfig {
+        ack_timeout: Duration::from_secs(args.zds_ack_timeout),
+        ..Default::default()
+    };
+    let zds_task = tokio::spawn(zds_server.run(
+        Arc::clone(&hub),
+        conn_cfg,
+        Arc::clone(&metrics),
+        stop_rx.clone(),
+    ));
+    let control_task =
+        tokio::spawn(control_server.run(Arc::clone(&agent), stop_rx.clone(), stop_tx.clone()));
+    tasks.spawn(refresh_loop(Arc::clone(&agent), stop_rx.clone()));
+    agent.set_ready();
+    info!(control = %control_socket.display(), zds = %args.node.zds_socket.display(), "agent ready");
+
+    wait_for_stop(stop_rx.clone()).await;
+    info!(
+        "stopping: no new requests; finishing in-flight ZDS requests; redirection stays in place"
+    );
+    agent.begin_shutdown();
+    let _ = stop_tx.send(true);
+    let grace = Duration::from_secs(args.zds_ack_timeout + 5);
+    if tokio::time::timeout(grace, async {
+        let _ = zds_task.await;
+        let _ = control_task.await;
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        warn!("some tasks did not finish in time");
+    }
+    info!("agent stopped");
+    Ok(())
+}
+
+async fn wait_for_stop(mut stop: watch::Receiver<bool>) {
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).ok();
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).ok();
+    let sig = async {
+        match (&mut term, &mut int) {
+            (Some(t), Some(i)) => {
+                tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = sig => info!("signal received"),
+        _ = crate::shutdown::stopped(&mut stop) => info!("shutdown requested"),
+    }
+}
+
+async fn refresh_host_addrs(agent: &Arc<Agent>) {
+    let a = Arc::clone(agent);
+    let res = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+        let addrs = dataplane::pod_net::addresses()?;
+        a.set_host_addrs(&addrs)?;
+        Ok(addrs.len())
+    })
+    .await;
+    match res {
+        Ok(Ok(n)) => tracing::debug!(addresses = n, "node addresses refreshed"),
+        Ok(Err(e)) => warn!(error = %e, "refreshing node addresses"),
+        Err(e) => warn!(error = %e, "refreshing node addresses"),
+    }
+}
+
+async fn refresh_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    loop {
+        tokio::select! {
+            _ = crate::shutdown::stopped(&mut stop) => return Ok(()),
+            _ = tokio::time::sleep(HOST_ADDR_REFRESH) => refresh_host_addrs(&agent).await,
+        }
+    }
+}

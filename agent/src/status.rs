@@ -1,0 +1,138 @@
+//! What `sluice-agent status` reports, and its table rendering.
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{dataplane::LinkStatus, zds::AckState};
+
+/// One pod as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodStatus {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub netns: String,
+    pub netns_cookie: u64,
+    pub ips: Vec<IpAddr>,
+    pub dns_capture: bool,
+    pub bypass_inbound: bool,
+    pub ztunnel: AckState,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub ready: bool,
+    pub object_id: String,
+    pub ztunnel_connections: usize,
+    pub pods: Vec<PodStatus>,
+    pub links: Vec<LinkStatus>,
+    pub maps: Vec<MapFillStatus>,
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MapFillStatus {
+    pub name: String,
+    pub used: usize,
+    pub capacity: usize,
+}
+
+/// Renders a status as the human-readable tables of `sluice-agent status`.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "agent: {}   ztunnel connections: {}   eBPF object: {}",
+        if s.ready { "ready" } else { "not ready" },
+        s.ztunnel_connections,
+        s.object_id
+    );
+    let _ = writeln!(out, "\nPODS ({})", s.pods.len());
+    let rows: Vec<Vec<String>> = s
+        .pods
+        .iter()
+        .map(|p| {
+            let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
+            let ztunnel = match &p.ztunnel {
+                AckState::Pending => "pending".to_string(),
+                AckState::Acked => "acked".to_string(),
+                AckState::Nacked(e) => format!("nacked: {e}"),
+            };
+            let mut opts = vec![];
+            if !p.dns_capture {
+                opts.push("no-dns");
+            }
+            if p.bypass_inbound {
+                opts.push("bypass-inbound");
+            }
+            vec![
+                format!("{}/{}", p.namespace, p.name),
+                p.uid.clone(),
+                p.netns.clone(),
+                ips.join(","),
+                ztunnel,
+                opts.join(","),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &["POD", "UID", "NETNS", "IPS", "ZTUNNEL", "OPTIONS"],
+        &rows,
+    );
+    let _ = writeln!(out, "\nLINKS ({})", s.links.len());
+    let rows: Vec<Vec<String>> = s
+        .links
+        .iter()
+        .map(|l| {
+            vec![
+                l.kind.clone(),
+                l.pin.clone(),
+                l.netns_cookie.map(|c| c.to_string()).unwrap_or_default(),
+                l.link_id.to_string(),
+                l.prog_id.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &["KIND", "PIN", "NETNS COOKIE", "LINK", "PROG"],
+        &rows,
+    );
+    let _ = writeln!(out, "\nMAPS");
+    let rows: Vec<Vec<String>> = s
+        .maps
+        .iter()
+        .map(|m| vec![m.name.clone(), m.used.to_string(), m.capacity.to_string()])
+        .collect();
+    table(&mut out, &["MAP", "USED", "CAPACITY"], &rows);
+    let _ = writeln!(out, "\nCOUNTERS");
+    let rows: Vec<Vec<String>> = s
+        .counters
+        .iter()
+        .map(|(k, v)| vec![k.clone(), v.to_string()])
+        .collect();
+    table(&mut out, &["COUNTER", "VALUE"], &rows);
+    out
+}
+
+fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        padded.join("  ").trim_end().to_string()
+    };
+    let _ = writeln!(out, "{}", line(header.to_vec()));
+    for row in rows {
+        let _ = writeln!(out, "{}", line(row.iter().map(String::as_str).collect()));
+    }
+}
