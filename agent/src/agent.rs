@@ -424,6 +424,18 @@ fn validate(req: &EnrollRequest) -> Result<(), AgentError> {
             "at most {MAX_POD_IPS} pod IPs are supported"
         )));
     }
+    // Refused here rather than failing later: ztunnel cannot read an Add this big.
+    let info = WorkloadInfo {
+        name: req.name.clone(),
+        namespace: req.namespace.clone(),
+        service_account: req.service_account.clone(),
+    };
+    let len = crate::zds::add_request_len(&req.uid, &info);
+    if len >= crate::zds::connection::MAX_REQUEST {
+        return Err(AgentError::Invalid(format!(
+            "pod identity too long: its ZDS Add would be {len} bytes"
+        )));
+    }
     Ok(())
 }
 

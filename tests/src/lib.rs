@@ -7,9 +7,11 @@
 //! - [`testkit`]: the rest of the `sluice-testkit` binary (the `app` command server).
 //! - [`sockets`], [`dns`]: small socket and DNS helpers shared by the above.
 
+pub mod agent_proc;
 pub mod dns;
 pub mod fixture;
 pub mod harness;
 pub mod peer;
 pub mod sockets;
 pub mod testkit;
+pub mod zds;

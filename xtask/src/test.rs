@@ -59,6 +59,9 @@ fn steps(extra: &[String]) -> Result<()> {
         "warnings",
     ]))?;
 
+    // The agent tests run the real `sluice-agent` binary, which `cargo test` does not build
+    // for another package's integration tests.
+    cmd::run(cmd::cargo().args(["build", "--bins"]))?;
     let mut test = cmd::cargo();
     test.arg("test").env("RUST_BACKTRACE", "1");
     if !extra.is_empty() {

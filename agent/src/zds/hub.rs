@@ -243,7 +243,10 @@ impl Hub {
 }
 
 fn send_to_newest(st: &mut State, kind: JobKind, done: oneshot::Sender<AckResult>) {
-    let mut job = Job { kind, done: Some(done) };
+    let mut job = Job {
+        kind,
+        done: Some(done),
+    };
     // A connection whose task ended has a closed channel: drop it and try the next newest.
     while let Some(conn) = st.conns.last() {
         match conn.tx.send(job) {

@@ -18,6 +18,19 @@ pub use connection::ConnConfig;
 pub use hub::{Hub, RetryPolicy};
 pub use server::Server;
 
+/// Size of the encoded Add for this workload (ztunnel reads at most 1 KiB).
+pub fn add_request_len(uid: &str, info: &proto::WorkloadInfo) -> usize {
+    use prost::Message as _;
+    let add = proto::AddWorkload {
+        uid: uid.to_string(),
+        workload_info: Some(info.clone()),
+    };
+    proto::WorkloadRequest {
+        payload: Some(proto::workload_request::Payload::Add(add)),
+    }
+    .encoded_len()
+}
+
 /// What ztunnel needs to serve one pod.
 #[derive(Debug, Clone)]
 pub struct Workload {

@@ -3,7 +3,7 @@
 //! tokio has no seqpacket type, so these wrap a non-blocking socket in `AsyncFd` and use nix's
 //! sendmsg/recvmsg, as ztunnel does on its side.
 use std::{
-    io::{self, IoSlice, IoSliceMut},
+    io::{self, IoSlice},
     os::{
         fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
         unix::fs::PermissionsExt as _,
@@ -12,8 +12,7 @@ use std::{
 };
 
 use nix::sys::socket::{
-    self, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
-    SockType, UnixAddr,
+    self, AddressFamily, Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -94,31 +93,82 @@ impl SeqPacket {
         }
     }
 
-    /// Resolves when the socket has something to read (data or end of stream).
+    /// Resolves when a packet (or end of stream) is really there to read. Peeks, so readiness
+    /// left over from an earlier read cannot make this return early.
     pub async fn readable(&self) -> io::Result<()> {
-        self.fd.readable().await.map(|mut g| g.retain_ready())
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let res = guard.try_io(|inner| {
+                let mut byte = [0u8; 1];
+                // SAFETY: valid fd and a 1-byte buffer.
+                let n = unsafe {
+                    libc::recv(
+                        inner.as_raw_fd(),
+                        byte.as_mut_ptr().cast(),
+                        1,
+                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            });
+            match res {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
     }
 }
 
+/// One recvmsg. Raw libc rather than nix: when control data is truncated nix reports an error
+/// instead of the fds the kernel did install, which would then leak; here every received fd
+/// is owned (and closed when dropped).
 fn recv_once(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<Received>> {
-    let mut cmsg = nix::cmsg_space!([RawFd; 8]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = socket::recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    const MAX_FDS: usize = 8;
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<RawFd>()) as u32) } as usize;
+    let mut cmsg = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: zeroed msghdr is valid; the pointers below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: valid fd and msghdr.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
     let mut fds = Vec::new();
-    for c in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            // SAFETY: the kernel just installed these fds for us.
-            fds.extend(raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+    // SAFETY: walking the control buffer the kernel filled, with the libc macros.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let count =
+                    ((*c).cmsg_len as usize - (data as usize - c as usize)) / size_of::<RawFd>();
+                for i in 0..count {
+                    let raw = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(raw));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    let truncated = msg
-        .flags
-        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-    if msg.bytes == 0 && !truncated && fds.is_empty() {
+    let truncated = msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0;
+    if n == 0 && !truncated && fds.is_empty() {
         return Ok(None);
     }
     Ok(Some(Received {
-        len: msg.bytes,
+        len: n as usize,
         truncated,
         fds,
     }))

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::sockets::OrigDstFrom;
 
 /// One peer event. Serialises to a flat JSON object: `{"event":"<kind>", ...fields,
-/// "netns":"<tag>"}`; `netns` is present only when the peer was started with a tag.
+/// "netns":"<tag>", "uid":"<uid>"}`; `netns` and `uid` are present only when the
+/// listener set was started with them (see [`super::Labels`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     #[serde(flatten)]
@@ -16,6 +17,9 @@ pub struct Event {
     /// Which workload / network namespace the listener set belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
+    /// The ZDS workload uid the listener set serves (ZDS mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -95,6 +99,7 @@ mod tests {
                 orig_dst_from: OrigDstFrom::SolIp,
             }),
             netns: None,
+            uid: None,
         };
         let json = serde_json::to_string(&ev).unwrap();
         assert_eq!(
@@ -106,9 +111,10 @@ mod tests {
         let ready = Event {
             kind: EventKind::Ready,
             netns: Some("pod-a".into()),
+            uid: Some("uid-1".into()),
         };
         let json = serde_json::to_string(&ready).unwrap();
-        assert_eq!(json, r#"{"event":"ready","netns":"pod-a"}"#);
+        assert_eq!(json, r#"{"event":"ready","netns":"pod-a","uid":"uid-1"}"#);
         assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), ready);
     }
 }

@@ -4,14 +4,15 @@
 //! Listeners (see [`listeners`]): 15001 outbound, 15006 inbound plaintext, 15008 HBONE
 //! on `[::]` (dual-stack, transparent), 15053 DNS on loopback — all marked 0x539.
 //! Everything observable is reported as an [`Event`] on a channel; the
-//! `sluice-testkit peer` binary prints them as JSON lines, a ZDS client can tag them
-//! per workload.
+//! `sluice-testkit peer` binary prints them as JSON lines; in ZDS mode ([`workloads`])
+//! each workload's listener set tags them with its uid.
 
 pub mod event;
 mod handlers;
 pub mod listeners;
 mod relay;
 mod upstream;
+pub mod workloads;
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
@@ -26,6 +27,7 @@ use nix::sched::{CloneFlags, setns};
 
 pub use event::{Accepted, Connected, Event, EventKind, Failed};
 pub use listeners::{DNS_PORT, HBONE_PORT, INBOUND_PORT, ListenerSet, OUTBOUND_PORT};
+pub use workloads::Workloads;
 
 /// A running listener set. Dropping it (or [`Peer::stop`]) closes the listeners;
 /// connections already being relayed carry on until their ends close.
@@ -36,10 +38,28 @@ pub struct Peer {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// Copied into every event of a listener set, to tell sets apart.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Labels {
+    /// Becomes `Event::netns`.
+    pub netns: Option<String>,
+    /// Becomes `Event::uid`: the ZDS workload the set serves.
+    pub uid: Option<String>,
+}
+
+impl Labels {
+    pub fn tag(tag: Option<String>) -> Labels {
+        Labels {
+            netns: tag,
+            uid: None,
+        }
+    }
+}
+
 /// State shared by all threads of one listener set.
 pub(crate) struct Ctx {
     events: Sender<Event>,
-    tag: Option<String>,
+    labels: Labels,
     stopping: AtomicBool,
 }
 
@@ -48,7 +68,8 @@ impl Ctx {
         // A gone receiver only means nobody listens any more; keep serving.
         let _ = self.events.send(Event {
             kind,
-            netns: self.tag.clone(),
+            netns: self.labels.netns.clone(),
+            uid: self.labels.uid.clone(),
         });
     }
 
@@ -68,10 +89,18 @@ impl Peer {
     /// Binds the listener set in the calling thread's network namespace, emits
     /// [`EventKind::Ready`], then starts serving. `tag` is copied into every event.
     pub fn start_in_current_netns(events: Sender<Event>, tag: Option<String>) -> io::Result<Peer> {
+        Peer::start_labelled_in_current_netns(events, Labels::tag(tag))
+    }
+
+    /// Like [`Peer::start_in_current_netns`] with every [`Labels`] field.
+    pub fn start_labelled_in_current_netns(
+        events: Sender<Event>,
+        labels: Labels,
+    ) -> io::Result<Peer> {
         let set = ListenerSet::bind()?;
         let ctx = Arc::new(Ctx {
             events,
-            tag,
+            labels,
             stopping: AtomicBool::new(false),
         });
         // Ready goes out before any accept thread runs, so it is always the first event.
@@ -108,10 +137,19 @@ impl Peer {
         events: Sender<Event>,
         tag: Option<String>,
     ) -> io::Result<Peer> {
+        Peer::start_labelled_in_netns(netns, events, Labels::tag(tag))
+    }
+
+    /// Like [`Peer::start_in_netns`] with every [`Labels`] field.
+    pub fn start_labelled_in_netns(
+        netns: BorrowedFd<'_>,
+        events: Sender<Event>,
+        labels: Labels,
+    ) -> io::Result<Peer> {
         thread::scope(|s| {
             s.spawn(|| {
                 setns(netns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-                Peer::start_in_current_netns(events, tag)
+                Peer::start_labelled_in_current_netns(events, labels)
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("peer start thread panicked")))

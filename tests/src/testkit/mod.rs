@@ -5,4 +5,6 @@
 
 pub mod app;
 pub mod output;
+pub mod peer_args;
 pub mod peer_cmd;
+pub mod peer_zds;

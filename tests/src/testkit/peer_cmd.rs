@@ -35,7 +35,7 @@ pub fn run(tag: Option<String>) -> ExitCode {
 }
 
 /// The harness keeps our stdin open for as long as it wants us running.
-fn wait_for_stdin_eof() {
+pub(crate) fn wait_for_stdin_eof() {
     let mut sink = [0u8; 256];
     let mut stdin = io::stdin().lock();
     while let Ok(n) = stdin.read(&mut sink) {

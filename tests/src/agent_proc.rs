@@ -1,0 +1,399 @@
+//! A real `sluice-agent run` process under test, with paths of its own: it runs in the
+//! topology's node namespace (so its health and metrics ports never clash with anything), its
+//! programs watch the test's cgroup, and its pins, sockets and state live in unique places.
+//!
+//! The binary is the one `cargo build --bins` put next to the test executables (`cargo xtask
+//! test` builds it first); `SLUICE_AGENT_BIN` overrides.
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use crate::harness::{Bpffs, Cgroup, run_in_netns, unique};
+
+pub const HEALTH_PORT: u16 = 8000;
+pub const METRICS_PORT: u16 = 15014;
+
+/// Path of the `sluice-agent` binary.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SLUICE_AGENT_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let profile = if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    };
+    profile.join("sluice-agent")
+}
+
+/// A unique scratch directory, removed on drop.
+#[derive(Debug)]
+pub struct Workdir(PathBuf);
+
+impl Workdir {
+    pub fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique("sluice-agent-test-"));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Workdir(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Workdir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Where one agent keeps its things.
+#[derive(Debug, Clone)]
+pub struct AgentPaths {
+    pub control: PathBuf,
+    pub zds: PathBuf,
+    pub state: PathBuf,
+    pub pin_root: PathBuf,
+    pub cgroup: PathBuf,
+    pub log: PathBuf,
+}
+
+impl AgentPaths {
+    pub fn new(work: &Workdir, bpffs: &Bpffs, cgroup: &Cgroup) -> Self {
+        AgentPaths {
+            control: work.path().join("agent.sock"),
+            zds: work.path().join("ztunnel.sock"),
+            state: work.path().join("state"),
+            pin_root: bpffs.path().to_path_buf(),
+            cgroup: cgroup.path().to_path_buf(),
+            log: work.path().join("agent.log"),
+        }
+    }
+
+    /// The flags that point an agent command at these paths.
+    pub fn node_args(&self) -> Vec<String> {
+        let p = |p: &Path| p.display().to_string();
+        vec![
+            "--pin-root".into(),
+            p(&self.pin_root),
+            "--cgroup".into(),
+            p(&self.cgroup),
+            "--zds-socket".into(),
+            p(&self.zds),
+            "--state-dir".into(),
+            p(&self.state),
+        ]
+    }
+}
+
+pub struct AgentProc {
+    child: Option<Child>,
+    pub paths: AgentPaths,
+    netns: PathBuf,
+    extra: Vec<String>,
+}
+
+impl AgentProc {
+    /// Starts `sluice-agent run` in `netns`; see [`AgentProc::wait_ready`].
+    pub fn spawn(netns: &Path, paths: AgentPaths, extra: &[&str]) -> Result<Self> {
+        let mut agent = AgentProc {
+            child: None,
+            paths,
+            netns: netns.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        agent.start()?;
+        Ok(agent)
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.paths.log)?;
+        let netns = std::fs::File::open(&self.netns)
+            .with_context(|| format!("opening {}", self.netns.display()))?;
+        let netns_fd = netns.as_raw_fd();
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("--control-socket")
+            .arg(&self.paths.control)
+            .arg("run")
+            .args(self.paths.node_args())
+            .args([
+                "--health-addr",
+                &format!("127.0.0.1:{HEALTH_PORT}"),
+                "--metrics-bind",
+                "127.0.0.1",
+            ])
+            .args(&self.extra)
+            .env("SLUICE_LOG_LEVEL", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // SAFETY: setns is async-signal-safe; the fd was opened before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", agent_bin().display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until `/readyz` answers 200 (or the process dies).
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("the agent exited with {status}:\n{}", self.log());
+            }
+            if let Ok((200, _)) = self.http_get(HEALTH_PORT, "/readyz") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not become ready in {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET path` on the agent's netns loopback: (status code, body).
+    pub fn http_get(&self, port: u16, path: &str) -> Result<(u16, String)> {
+        let path = path.to_string();
+        run_in_netns(&self.netns, move || -> Result<(u16, String)> {
+            let mut s = TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)?;
+            let code = resp
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .context("no status line")?;
+            let body = resp
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            Ok((code, body))
+        })?
+    }
+
+    /// Runs `sluice-agent <args>` against this agent's control socket.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(agent_bin())
+            .arg("--control-socket")
+            .arg(&self.paths.control)
+            .args(args)
+            .output()?)
+    }
+
+    /// `cli`, requiring success; returns stdout parsed as JSON (or Null if empty).
+    pub fn cli_json(&self, args: &[&str]) -> Result<Value> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!(
+                "sluice-agent {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if stdout.trim().is_empty() {
+            Ok(Value::Null)
+        } else {
+            Ok(serde_json::from_str(&stdout)?)
+        }
+    }
+
+    pub fn status(&self) -> Result<Value> {
+        self.cli_json(&["status", "--json"])
+    }
+
+    /// SIGKILL: no chance to clean anything up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("the agent is not running")?;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        Ok(child.wait()?)
+    }
+
+    /// Starts the agent again with the same paths and flags.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.start()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.paths.log).unwrap_or_default()
+    }
+
+    /// `sluice-agent uninstall` with this agent's paths (stopping it if it runs).
+    pub fn uninstall(&mut self) -> Result<()> {
+        let mut args = vec!["uninstall".to_string()];
+        args.extend(self.paths.node_args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.cli(&args)?;
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+        if !out.status.success() {
+            bail!("uninstall failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if self.child.is_some() && std::thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.log());
+        }
+        self.kill();
+    }
+}
+
+/// An agent with everything it runs against: a topology (the agent lives in its node netns), a
+/// cgroup of the test's own for every process that makes traffic, a unique pin directory and
+/// scratch directory. Dropping it runs `sluice-agent uninstall`, then the guards clean up.
+pub struct AgentFixture {
+    pub agent: AgentProc,
+    pub topo: crate::harness::Topology,
+    pub cgroup: Cgroup,
+    pub bpffs: Bpffs,
+    pub work: Workdir,
+    testkit: PathBuf,
+}
+
+impl AgentFixture {
+    /// Starts an agent (with `extra` flags) and waits until it is ready.
+    pub fn start(testkit: &Path, pods: usize, extra: &[&str]) -> Result<Self> {
+        let mut fx = Self::spawn(testkit, pods, extra)?;
+        fx.agent.wait_ready(Duration::from_secs(30))?;
+        Ok(fx)
+    }
+
+    /// Starts an agent without waiting for it.
+    pub fn spawn(testkit: &Path, pods: usize, extra: &[&str]) -> Result<Self> {
+        crate::harness::ensure_bpffs_mounted()?;
+        let topo = crate::harness::Topology::new(pods)?;
+        let cgroup = Cgroup::new("slagent")?;
+        let bpffs = Bpffs::new()?;
+        let work = Workdir::new()?;
+        let paths = AgentPaths::new(&work, &bpffs, &cgroup);
+        let agent = AgentProc::spawn(topo.node().path(), paths, extra)?;
+        Ok(AgentFixture {
+            agent,
+            topo,
+            cgroup,
+            bpffs,
+            work,
+            testkit: testkit.to_path_buf(),
+        })
+    }
+
+    pub fn uid(i: usize) -> String {
+        format!("00000000-0000-0000-0000-{i:012}")
+    }
+
+    /// `sluice-agent enroll` for pod `i` (both its addresses); `extra` adds flags.
+    pub fn enroll(&self, i: usize, extra: &[&str]) -> Result<Value> {
+        let pod = self.topo.pod(i);
+        let (uid, name, sa) = (Self::uid(i), format!("pod{i}"), format!("sa{i}"));
+        let (v4, v6) = (pod.ipv4.to_string(), pod.ipv6.to_string());
+        let netns = pod.path().display().to_string();
+        let mut args = vec![
+            "enroll",
+            "--netns",
+            &netns,
+            "--uid",
+            &uid,
+            "--name",
+            &name,
+            "--namespace",
+            "default",
+            "--service-account",
+            &sa,
+            "--ip",
+            &v4,
+            "--ip",
+            &v6,
+        ];
+        args.extend_from_slice(extra);
+        self.agent.cli_json(&args)
+    }
+
+    pub fn unenroll(&self, i: usize) -> Result<()> {
+        self.agent
+            .cli_json(&["unenroll", "--uid", &Self::uid(i)])
+            .map(drop)
+    }
+
+    /// The ztunnel-like peer as a ZDS client of this agent, in the test's cgroup.
+    pub fn zds_peer(&self, opts: &crate::zds::ZdsPeerOptions) -> Result<crate::zds::ZdsPeer> {
+        crate::zds::ZdsPeer::start(
+            &self.testkit,
+            &self.agent.paths.zds,
+            opts,
+            Some(&self.cgroup),
+            Duration::from_secs(10),
+        )
+    }
+
+    /// An app command server inside pod `i`, in the test's cgroup.
+    pub fn app(&self, i: usize) -> Result<crate::harness::App> {
+        crate::harness::App::spawn(
+            &self.testkit,
+            Some(self.topo.pod(i).path()),
+            Some(&self.cgroup),
+        )
+    }
+
+    /// A raw ZDS connection to the agent (hello not yet sent).
+    pub fn zds_conn(&self) -> Result<crate::zds::ZdsConn> {
+        Ok(crate::zds::ZdsConn::connect(&self.agent.paths.zds)?)
+    }
+}
+
+impl Drop for AgentFixture {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.agent.log());
+        }
+        if let Err(e) = self.agent.uninstall() {
+            eprintln!(
+                "agent fixture: {e:#}\n--- agent log ---\n{}",
+                self.agent.log()
+            );
+        }
+    }
+}
