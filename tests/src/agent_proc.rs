@@ -231,6 +231,10 @@ impl AgentProc {
         self.cli_json(&["status", "--json"])
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: no chance to clean anything up.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -327,6 +331,13 @@ impl AgentFixture {
 
     /// `sluice-agent enroll` for pod `i` (both its addresses); `extra` adds flags.
     pub fn enroll(&self, i: usize, extra: &[&str]) -> Result<Value> {
+        let args = self.enroll_args(i, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.agent.cli_json(&args)
+    }
+
+    /// The `sluice-agent` arguments (after the control socket) that enroll pod `i`.
+    pub fn enroll_args(&self, i: usize, extra: &[&str]) -> Vec<String> {
         let pod = self.topo.pod(i);
         let (uid, name, sa) = (Self::uid(i), format!("pod{i}"), format!("sa{i}"));
         let (v4, v6) = (pod.ipv4.to_string(), pod.ipv6.to_string());
@@ -349,7 +360,7 @@ impl AgentFixture {
             &v6,
         ];
         args.extend_from_slice(extra);
-        self.agent.cli_json(&args)
+        args.into_iter().map(String::from).collect()
     }
 
     pub fn unenroll(&self, i: usize) -> Result<()> {

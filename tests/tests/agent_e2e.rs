@@ -1,0 +1,450 @@
+//! The agent as a whole: a real `sluice-agent run` process, the dataplane on this kernel, and
+//! the ztunnel-like peer as a ZDS client serving every enrolled pod from inside its netns.
+use std::{
+    collections::BTreeSet, net::SocketAddr, os::unix::fs::OpenOptionsExt as _, path::Path,
+    time::Duration,
+};
+
+use serde_json::Value;
+use sluice_tests::{
+    agent_proc::{AgentFixture, HEALTH_PORT, METRICS_PORT, agent_bin},
+    harness::{
+        BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, cgroup_attached_prog_ids, require_root,
+        tcx_ingress_prog_names,
+    },
+    zds::ZdsPeerOptions,
+};
+
+const TESTKIT: &str = env!("CARGO_BIN_EXE_sluice-testkit");
+const WAIT: Duration = Duration::from_secs(10);
+
+fn fixture(pods: usize, extra: &[&str]) -> Option<AgentFixture> {
+    if !require_root() {
+        return None;
+    }
+    Some(AgentFixture::start(Path::new(TESTKIT), pods, extra).expect("agent fixture"))
+}
+
+fn uid(i: usize) -> String {
+    AgentFixture::uid(i)
+}
+
+fn sa(ip: impl Into<std::net::IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+fn event_is<'a>(event: &'a str, uid: &'a str, dst: SocketAddr) -> impl Fn(&Value) -> bool + 'a {
+    move |e| {
+        e["event"] == event
+            && e["uid"] == uid
+            && e["orig_dst"].as_str().and_then(|s| s.parse().ok()) == Some(dst)
+    }
+}
+
+fn enrolled_uids(fx: &AgentFixture) -> Vec<String> {
+    let status = fx.agent.status().unwrap();
+    status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["uid"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn map_used(fx: &AgentFixture, map: &str) -> u64 {
+    let status = fx.agent.status().unwrap();
+    status["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == map)
+        .map(|m| m["used"].as_u64().unwrap())
+        .unwrap()
+}
+
+/// The whole path: pods enrolled with `sluice-agent enroll`, the peer told about them over ZDS,
+/// their traffic through it; unenrolled, their traffic direct again and the peer told.
+#[test]
+fn enrolled_pods_are_served_by_the_peer_over_zds() {
+    let Some(fx) = fixture(2, &[]) else { return };
+    let peer = fx.zds_peer(&ZdsPeerOptions::default()).unwrap();
+    for i in 0..2 {
+        let reply = fx.enroll(i, &[]).unwrap();
+        assert_eq!(reply["ztunnel"]["state"], "acked", "{reply}");
+    }
+    let server = fx.app(1).unwrap();
+    server.listen(8080).unwrap();
+    let client = fx.app(0).unwrap();
+    let (pod0, pod1) = (fx.topo.pod(0).ips(), fx.topo.pod(1).ips());
+    for (src, dst) in [(pod0[0], pod1[0]), (pod0[1], pod1[1])] {
+        let r = client.connect(sa(dst, 8080), Some("ping")).unwrap();
+        r.ensure_ok().unwrap();
+        assert_eq!(r.peername, Some(sa(dst, 8080)));
+        assert_eq!(r.banner_peer().unwrap().ip(), src);
+        peer.wait_event(event_is("outbound", &uid(0), sa(dst, 8080)), WAIT)
+            .unwrap();
+        peer.wait_event(event_is("inbound", &uid(1), sa(dst, 8080)), WAIT)
+            .unwrap();
+    }
+
+    fx.unenroll(0).unwrap();
+    peer.wait_event(
+        |e| e["event"] == "workload_stopped" && e["uid"] == uid(0),
+        WAIT,
+    )
+    .unwrap();
+    let r = client.connect(sa(pod1[0], 8080), None).unwrap();
+    r.ensure_ok().unwrap();
+    // pod1 is still enrolled: its inbound still goes through the peer, but pod0's outbound not.
+    peer.wait_event(event_is("inbound", &uid(1), sa(pod1[0], 8080)), WAIT)
+        .unwrap();
+    assert!(
+        peer.events()
+            .iter()
+            .all(|e| !(e["event"] == "outbound" && e["uid"] == uid(0)))
+    );
+    assert!(peer.violations().is_empty(), "{:?}", peer.violations());
+}
+
+/// SIGKILL in the middle of a stream of enrollments (retried by their caller, as a container
+/// runtime retries CNI ADD), then a restart: no pod lost, none duplicated, nothing orphaned in
+/// the dataplane, every pod served by the peer, and a connection loop through an enrolled pod
+/// never failed.
+#[test]
+fn sigkill_during_enrollments_loses_and_duplicates_nothing() {
+    const PODS: usize = 8;
+    let Some(fx) = fixture(PODS, &[]) else { return };
+    let peer = fx.zds_peer(&ZdsPeerOptions::default()).unwrap();
+    fx.enroll(0, &[]).unwrap();
+    let server = fx.app(1).unwrap();
+    server.listen(8080).unwrap();
+    let client = fx.app(0).unwrap();
+    let target = sa(fx.topo.pod(1).ipv4, 8080);
+    client
+        .loop_start("l", target, Duration::from_millis(5))
+        .unwrap();
+    server
+        .wait_event(|e| e["event"] == "accepted", WAIT)
+        .unwrap();
+
+    // The enrollments run on their own thread, straight through the CLI, so that the kill can
+    // land while one is in flight.
+    let commands: Vec<Vec<String>> = (1..PODS)
+        .map(|i| fx.enroll_args(i, &["--wait-ms", "0"]))
+        .collect();
+    let control = fx.agent.paths.control.clone();
+    let (starting, started) = std::sync::mpsc::channel();
+    let enroller = std::thread::spawn(move || {
+        let mut retries = 0;
+        for (i, args) in commands.iter().enumerate() {
+            let _ = starting.send(i + 1);
+            // Retry until it sticks: the agent may be dead or restarting.
+            while !std::process::Command::new(agent_bin())
+                .arg("--control-socket")
+                .arg(&control)
+                .args(args)
+                .output()
+                .is_ok_and(|o| o.status.success())
+            {
+                retries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        retries
+    });
+    // Kill as the fourth enrollment starts: three are done, the rest are still to come.
+    while started.recv().unwrap() < 4 {}
+    let mut fx = fx;
+    fx.agent.kill();
+    assert!(!enroller.is_finished(), "the kill must land mid-stream");
+    // With no agent at all, the loop keeps going (and keeps being redirected).
+    for _ in 0..10 {
+        server
+            .wait_event(|e| e["event"] == "accepted", WAIT)
+            .unwrap();
+    }
+    fx.agent.restart().unwrap();
+    fx.agent.wait_ready(WAIT).unwrap();
+    let retries = enroller.join().unwrap();
+    for _ in 0..20 {
+        server
+            .wait_event(|e| e["event"] == "accepted", WAIT)
+            .unwrap();
+    }
+    let stats = client.loop_stop("l").unwrap();
+
+    let uids = enrolled_uids(&fx);
+    let unique: BTreeSet<_> = uids.iter().cloned().collect();
+    assert_eq!(uids.len(), PODS, "{uids:?}");
+    assert_eq!(
+        unique,
+        (0..PODS).map(uid).collect(),
+        "no pod lost or duplicated"
+    );
+    assert_eq!(
+        map_used(&fx, "SL_PODS"),
+        PODS as u64,
+        "nothing orphaned in the dataplane"
+    );
+    // The peer (a ztunnel that stayed up across the agent restart) serves every pod.
+    for i in 0..PODS {
+        peer.wait_event(
+            |e| e["event"] == "zds_response" && e["uid"] == uid(i) && e["error"] == "",
+            WAIT,
+        )
+        .unwrap();
+    }
+    let status = fx.agent.status().unwrap();
+    for p in status["pods"].as_array().unwrap() {
+        assert_eq!(p["ztunnel"]["state"], "acked", "{p}");
+    }
+    assert!(peer.violations().is_empty(), "{:?}", peer.violations());
+    assert_eq!(stats.failures, 0, "{stats:?}");
+    let redirected = peer
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "outbound" && e["uid"] == uid(0))
+        .count();
+    println!(
+        "restart figures: {} connections attempted across the SIGKILL and restart, {} failed, {} redirected seen by the peer; {retries} enroll calls retried",
+        stats.attempts, stats.failures, redirected
+    );
+}
+
+/// `/readyz` is 503 until the state is restored (the restore waits for the state directory's
+/// lock, which the test holds), then 200. `/healthz` answers throughout; `/metrics` is valid
+/// Prometheus text with every family the agent promises.
+#[test]
+fn readyz_follows_state_restore_and_metrics_parse() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = AgentFixture::spawn(Path::new(TESTKIT), 1, &[]).unwrap();
+    // Start with a state directory another agent still holds.
+    let lock = hold_lock(&fx.agent.paths.state);
+    fx.agent.kill();
+    fx.agent.restart().unwrap();
+    let healthy = (0..500).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        matches!(fx.agent.http_get(HEALTH_PORT, "/healthz"), Ok((200, _)))
+    });
+    assert!(healthy, "{}", fx.agent.log());
+    assert_eq!(fx.agent.http_get(HEALTH_PORT, "/readyz").unwrap().0, 503);
+    drop(lock);
+    fx.agent.wait_ready(WAIT).unwrap();
+    assert_eq!(fx.agent.http_get(HEALTH_PORT, "/readyz").unwrap().0, 200);
+
+    fx.enroll(0, &["--wait-ms", "0"]).unwrap();
+    let (code, text) = fx.agent.http_get(METRICS_PORT, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let samples = parse_prometheus(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    for family in [
+        "sluice_enrolled_pods",
+        "ztunnel_connected",
+        "sluice_enroll_duration_seconds_bucket",
+        "sluice_redirects_total",
+        "sluice_ebpf_events_total",
+        "sluice_map_entries",
+    ] {
+        assert!(
+            samples.iter().any(|(name, _)| name == family),
+            "missing {family}"
+        );
+    }
+    assert!(samples.contains(&("sluice_enrolled_pods".to_string(), 1.0)));
+}
+
+/// SIGTERM: a clean exit, and redirection stays; a new agent adopts it.
+#[test]
+fn sigterm_stops_cleanly_and_redirection_stays() {
+    let Some(mut fx) = fixture(2, &[]) else {
+        return;
+    };
+    let peer = fx.zds_peer(&ZdsPeerOptions::default()).unwrap();
+    fx.enroll(0, &[]).unwrap();
+    let status = fx.agent.terminate().unwrap();
+    assert!(status.success(), "{status}");
+    let server = fx.app(1).unwrap();
+    server.listen(8080).unwrap();
+    let client = fx.app(0).unwrap();
+    let dst = sa(fx.topo.pod(1).ipv4, 8080);
+    client.connect(dst, None).unwrap().ensure_ok().unwrap();
+    peer.wait_event(event_is("outbound", &uid(0), dst), WAIT)
+        .unwrap();
+    fx.agent.restart().unwrap();
+    fx.agent.wait_ready(WAIT).unwrap();
+    assert_eq!(enrolled_uids(&fx), [uid(0)]);
+    let links = fx.agent.status().unwrap()["links"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(
+        links,
+        10 + 2,
+        "10 cgroup links and pod0's eth0 and lo, not attached twice"
+    );
+}
+
+/// Uninstall removes every pin, link, rule, route, sysctl change, socket and state file.
+#[test]
+fn uninstall_leaves_the_node_as_it_found_it() {
+    let Some(mut fx) = fixture(2, &["--accelerate", "true"]) else {
+        return;
+    };
+    let _peer = fx.zds_peer(&ZdsPeerOptions::default()).unwrap();
+    fx.enroll(0, &[]).unwrap();
+    fx.enroll(1, &["--bypass-inbound"]).unwrap();
+    let client = fx.app(0).unwrap();
+    let server = fx.app(1).unwrap();
+    server.listen(8080).unwrap();
+    client
+        .connect(sa(fx.topo.pod(1).ipv4, 8080), Some("x"))
+        .unwrap()
+        .ensure_ok()
+        .unwrap();
+
+    fx.agent.uninstall().unwrap();
+    assert!(!fx.bpffs.path().exists(), "pins");
+    for t in [BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT] {
+        assert!(
+            cgroup_attached_prog_ids(&fx.cgroup, t).unwrap().is_empty(),
+            "cgroup links"
+        );
+    }
+    for i in 0..2 {
+        let pod = fx.topo.pod(i);
+        for dev in ["eth0", "lo"] {
+            assert!(
+                tcx_ingress_prog_names(pod.path(), dev).unwrap().is_empty(),
+                "tc on pod{i} {dev}"
+            );
+        }
+        for family in ["-4", "-6"] {
+            assert!(
+                !pod.netns.ip(&[family, "rule"]).unwrap().contains("0x111"),
+                "rule in pod{i}"
+            );
+            assert!(
+                pod.netns
+                    .ip(&[family, "route", "show", "table", "100"])
+                    .unwrap_or_default()
+                    .trim()
+                    .is_empty()
+            );
+        }
+        assert_eq!(
+            pod.netns
+                .read_sysctl("net.ipv4.tcp_fwmark_accept")
+                .unwrap()
+                .trim(),
+            "0"
+        );
+    }
+    for path in [
+        &fx.agent.paths.control,
+        &fx.agent.paths.zds,
+        &fx.agent.paths.state,
+    ] {
+        assert!(!path.exists(), "{} left behind", path.display());
+    }
+}
+
+fn hold_lock(state_dir: &Path) -> nix::fcntl::Flock<std::fs::File> {
+    std::fs::create_dir_all(state_dir).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(state_dir.join("lock"))
+        .unwrap();
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap()
+}
+
+/// A strict reading of the Prometheus text format: `# HELP`/`# TYPE` lines, then samples
+/// `name{labels} value`. Returns (name, value) pairs.
+fn parse_prometheus(text: &str) -> Result<Vec<(String, f64)>, String> {
+    let mut out = vec![];
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix('#') {
+            let words: Vec<_> = rest.split_whitespace().collect();
+            match words.first() {
+                Some(&"HELP") | Some(&"TYPE") if words.len() >= 3 => continue,
+                Some(&"EOF") => continue,
+                _ => return Err(format!("bad comment line {line:?}")),
+            }
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .ok_or(format!("no value in {line:?}"))?;
+        let value: f64 = value
+            .parse()
+            .map_err(|_| format!("bad value in {line:?}"))?;
+        let name = series.split('{').next().unwrap_or_default();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        {
+            return Err(format!("bad metric name in {line:?}"));
+        }
+        if series.contains('{') && !series.ends_with('}') {
+            return Err(format!("bad labels in {line:?}"));
+        }
+        out.push((name.to_string(), value));
+    }
+    Ok(out)
+}
+
+/// Every crash window of an enrollment or unenrollment, set up exactly: a restarted agent
+/// finishes an unenrollment, keeps an enrollment the dataplane completed, drops one it never
+/// got to, and re-adopts a dataplane enrollment that never made it into the state file.
+#[test]
+fn restart_finishes_interrupted_operations() {
+    let Some(mut fx) = fixture(4, &[]) else {
+        return;
+    };
+    for i in 0..3 {
+        fx.enroll(i, &["--wait-ms", "0"]).unwrap();
+    }
+    fx.agent.kill();
+    let file = fx.agent.paths.state.join("pods.json");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let pods = state["pods"].as_array_mut().unwrap();
+    let mut ghost = pods[0].clone();
+    pods[0]["phase"] = "enrolling".into(); // dataplane done, crash before the state said so
+    pods[1]["phase"] = "unenrolling".into(); // crash in the middle of an unenrollment
+    pods.remove(2); // crash after the dataplane enrolled, before the state was written
+    ghost["uid"] = uid(3).into();
+    ghost["netns"] = fx.topo.pod(3).path().display().to_string().into();
+    ghost["netns_cookie"] = 1.into(); // never enrolled in the dataplane
+    pods.push(ghost);
+    std::fs::write(&file, serde_json::to_vec(&state).unwrap()).unwrap();
+
+    fx.agent.restart().unwrap();
+    fx.agent.wait_ready(WAIT).unwrap();
+    assert_eq!(enrolled_uids(&fx), [uid(0)]);
+    let pod1 = fx.topo.pod(1);
+    assert!(
+        tcx_ingress_prog_names(pod1.path(), "eth0")
+            .unwrap()
+            .is_empty(),
+        "unenrollment finished"
+    );
+    assert!(!pod1.netns.ip(&["rule"]).unwrap().contains("0x111"));
+    assert_eq!(
+        map_used(&fx, "SL_PODS"),
+        2,
+        "pod0, and pod2 left redirected (fail closed) without a record"
+    );
+    // The retried enroll of pod2 adopts it: one record, one dataplane entry, one TC program.
+    fx.enroll(2, &["--wait-ms", "0"]).unwrap();
+    assert_eq!(enrolled_uids(&fx), [uid(0), uid(2)]);
+    assert_eq!(map_used(&fx, "SL_PODS"), 2);
+    assert_eq!(
+        tcx_ingress_prog_names(fx.topo.pod(2).path(), "eth0").unwrap(),
+        ["sl_pod_ingress"]
+    );
+}
