@@ -166,6 +166,11 @@ impl Agent {
         self.ready.store(false, Ordering::SeqCst);
     }
 
+    /// Readers of the eBPF programs' logs (see `Dataplane::take_loggers`).
+    pub fn take_ebpf_loggers(&self) -> Vec<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        lock(&self.dp).take_loggers()
+    }
+
     /// This node's own addresses, exempt from inbound redirection (kubelet probes).
     pub fn set_host_addrs(&self, addrs: &[IpAddr]) -> Result<(), AgentError> {
         Ok(lock(&self.dp).set_host_addrs(addrs)?)

@@ -58,6 +58,7 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
         pin_root: args.node.pin_root.clone(),
         cgroup,
         accelerate: args.accelerate,
+        ebpf_debug_log: tracing::enabled!(tracing::Level::DEBUG),
     };
     let settings = AgentSettings {
         dns_capture: args.dns_capture,
@@ -72,6 +73,9 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
     .await?
     .context("starting the agent")?;
     refresh_host_addrs(&agent).await;
+    for logger in agent.take_ebpf_loggers() {
+        tasks.spawn(forward_ebpf_logs(logger, stop_rx.clone()));
+    }
 
     let zds_server = zds::Server::bind(&args.node.zds_socket).context("binding the ZDS socket")?;
     let control_server =
@@ -127,6 +131,28 @@ async fn wait_for_stop(mut stop: watch::Receiver<bool>) {
     tokio::select! {
         _ = sig => info!("signal received"),
         _ = crate::shutdown::stopped(&mut stop) => info!("shutdown requested"),
+    }
+}
+
+/// Forwards what the eBPF programs log (debug level only) into our logs.
+async fn forward_ebpf_logs(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd lives.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)?;
+    loop {
+        tokio::select! {
+            _ = crate::shutdown::stopped(&mut stop) => return Ok(()),
+            ready = fd.readable_mut() => {
+                let mut guard = ready?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        }
     }
 }
 

@@ -25,6 +25,7 @@ pub fn uninstall(args: &NodeArgs, control_socket: &Path) -> anyhow::Result<()> {
         pin_root: args.pin_root.clone(),
         cgroup,
         accelerate: false,
+        ebpf_debug_log: false,
     })?;
     dp.uninstall(|cookie| {
         let r = records.iter().find(|r| r.netns_cookie == cookie)?;

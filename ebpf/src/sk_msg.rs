@@ -9,6 +9,7 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
+use aya_log_ebpf::debug;
 use sluice_common::{AF_INET, AF_INET6, Addr, Counter, SockKey};
 
 use crate::{
@@ -32,6 +33,10 @@ pub fn sl_sk_msg(ctx: SkMsgContext) -> u32 {
     if SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) as u32 != SK_PASS {
         let _ = NO_ACCEL.insert(key, 1, u64::from(BPF_ANY));
         bump(Counter::AccelFallback);
+        debug!(
+            &ctx,
+            "acceleration: peer socket not in the map; normal path for good"
+        );
         return SK_PASS;
     }
     bump(Counter::MessagesAccelerated);

@@ -9,6 +9,7 @@ use aya_ebpf::{
     EbpfContext as _, helpers::generated::bpf_get_netns_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
+use aya_log_ebpf::debug;
 use sluice_common::{
     Addr, Counter, DNS_PORT, MARK_MASK, OrigDst, POD_DNS_CAPTURE, PORT_DNS, PORT_OUTBOUND,
     PodConfig, ZTUNNEL_MARK,
@@ -272,6 +273,10 @@ fn remember_and_rewrite(
     }
     set_user_addr(ctx, family, to, to_port);
     bump(counter);
+    debug!(
+        ctx,
+        "redirected to port {} (original port {})", to_port, orig.port
+    );
 }
 
 /// For getpeername and recvmsg: if the peer is where we sent this socket, show the original.

@@ -9,6 +9,7 @@ use aya_ebpf::{
     EbpfContext as _, helpers::generated::bpf_get_netns_cookie, macros::cgroup_sockopt,
     programs::SockoptContext,
 };
+use aya_log_ebpf::debug;
 use sluice_common::{AF_INET, AF_INET6, Addr, Counter, SockKey};
 
 use crate::{counters::bump, maps::FLOW_ORIG};
@@ -152,4 +153,5 @@ fn answer_original_dst(ctx: &SockoptContext, want_v6: bool) {
         write_volatile(addr_of_mut!((*so).retval), 0);
     }
     bump(Counter::OrigDstAnswered);
+    debug!(ctx, "SO_ORIGINAL_DST answered: port {}", orig.port);
 }

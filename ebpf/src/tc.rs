@@ -17,6 +17,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use aya_log_ebpf::debug;
 use sluice_common::{
     Addr, Counter, MARK_MASK, PORT_HBONE, PORT_INBOUND, PROBE_SNAT_V4, REPLY_MARK, ZTUNNEL_MARK,
 };
@@ -145,6 +146,10 @@ fn to_ztunnel(ctx: &TcContext, pkt: &TcpPacket) -> i32 {
         let listener = bpf_sk_lookup_tcp(skb, &mut t, len, netns, 0);
         if listener.is_null() {
             bump(Counter::InboundNoListener);
+            debug!(
+                ctx,
+                "inbound to port {} dropped: ztunnel is not listening", pkt.dport
+            );
             return TC_ACT_SHOT;
         }
         if (*listener).state != TCP_LISTEN {

@@ -48,6 +48,7 @@ impl DataplaneFixture {
             pin_root: self.bpffs.path().to_path_buf(),
             cgroup: self.cgroup.path().to_path_buf(),
             accelerate,
+            ebpf_debug_log: false,
         }
     }
 

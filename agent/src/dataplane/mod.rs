@@ -47,20 +47,12 @@ pub struct DataplaneConfig {
     pub cgroup: PathBuf,
     /// Short-circuit app↔ztunnel bytes with sockmap (see `ebpf/src/sk_msg.rs`).
     pub accelerate: bool,
+    /// Let the eBPF programs log (aya-log, at debug level). Fixed when programs are loaded:
+    /// adopted programs keep the setting they were loaded with.
+    pub ebpf_debug_log: bool,
 }
 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sluice";
-
-impl DataplaneConfig {
-    /// Production defaults: pins under /sys/fs/bpf/sluice, the cgroup2 root.
-    pub fn node_defaults() -> io::Result<Self> {
-        Ok(DataplaneConfig {
-            pin_root: DEFAULT_PIN_ROOT.into(),
-            cgroup: cgroup2_root()?,
-            accelerate: false,
-        })
-    }
-}
 
 /// The cgroup v2 mount point (`/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on
 /// hybrid ones). Pods have no v2 cgroup of their own on hybrid hosts; the root sees them all.
@@ -226,6 +218,29 @@ impl Dataplane {
         dp.set_accelerate(cfg.accelerate)?;
         info!(root = %cfg.pin_root.display(), cgroup = %cfg.cgroup.display(), adopted, "dataplane loaded");
         Ok(dp)
+    }
+
+    /// Readers of the programs' log ring buffers: this load's (TC programs attached from now
+    /// on), and, after a restart, the one of the adopted cgroup programs. Each is an fd to
+    /// poll; `flush` forwards records to the `log` crate (and so to tracing).
+    pub fn take_loggers(&mut self) -> Vec<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        let mut loggers: Vec<_> = aya_log::EbpfLogger::init(&mut self.ebpf)
+            .ok()
+            .into_iter()
+            .collect();
+        if self.adopted {
+            let pin = self
+                .layout
+                .cgroup_links(&self.object_id)
+                .join(progs::CONNECT4);
+            let prog_id = bpf_sys::obj_get(&pin)
+                .and_then(|fd| bpf_sys::link_info(fd.as_fd()))
+                .map(|i| i.prog_id);
+            if let Ok(Ok(logger)) = prog_id.map(aya_log::EbpfLogger::init_from_id) {
+                loggers.push(logger);
+            }
+        }
+        loggers
     }
 
     /// Whether `load` found this build's programs already attached (an agent restart).
