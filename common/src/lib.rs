@@ -57,6 +57,13 @@ pub mod maps {
     pub const NO_ACCEL: &str = "SL_NO_ACCEL";
     pub const CONFIG: &str = "SL_CONFIG";
     pub const COUNTERS: &str = "SL_COUNTERS";
+
+    /// Capacities (max entries), shared by the map definitions and the fill-level reports.
+    pub const PODS_CAPACITY: u32 = 8192;
+    pub const HOST_ADDRS_CAPACITY: u32 = 1024;
+    pub const FLOW_ORIG_CAPACITY: u32 = 65536;
+    pub const SOCKS_CAPACITY: u32 = 65536;
+    pub const NO_ACCEL_CAPACITY: u32 = 65536;
 }
 
 /// Program names in the eBPF object (all start with `sl_`, which is how `bpftool` shows ours).

@@ -19,6 +19,7 @@ mod maps;
 mod packet;
 mod sk_msg;
 mod sock_addr;
+mod sock_tuple;
 mod sockops;
 mod sockopt;
 mod tc;

@@ -1,7 +1,5 @@
 //! sk_msg on the acceleration sockhash: bytes an app socket sends to its ztunnel peer (or back)
 //! go straight into the peer's receive queue, skipping TCP/IP on `lo`.
-use core::ptr::{addr_of, read_volatile};
-
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_ANY, BPF_F_INGRESS, sk_action::SK_PASS},
@@ -10,11 +8,12 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use aya_log_ebpf::debug;
-use sluice_common::{AF_INET, AF_INET6, Addr, Counter, SockKey};
+use sluice_common::{Counter, SockKey};
 
 use crate::{
     counters::bump,
     maps::{NO_ACCEL, SOCKS},
+    sock_tuple::sock_key,
 };
 
 #[sk_msg]
@@ -43,46 +42,10 @@ pub fn sl_sk_msg(ctx: SkMsgContext) -> u32 {
     SK_PASS
 }
 
-/// The sending socket's netns and 4-tuple; constant-offset loads only (see sockops.rs).
+/// The sending socket's netns and 4-tuple.
 #[inline(always)]
 fn msg_key(ctx: &SkMsgContext) -> Option<SockKey> {
-    let m = ctx.msg;
-    // SAFETY: 4-byte loads of readable sk_msg_md fields.
-    let (family, l4, r4, l6, r6, lport, rport) = unsafe {
-        (
-            read_volatile(addr_of!((*m).family)),
-            read_volatile(addr_of!((*m).local_ip4)),
-            read_volatile(addr_of!((*m).remote_ip4)),
-            [
-                read_volatile(addr_of!((*m).local_ip6[0])),
-                read_volatile(addr_of!((*m).local_ip6[1])),
-                read_volatile(addr_of!((*m).local_ip6[2])),
-                read_volatile(addr_of!((*m).local_ip6[3])),
-            ],
-            [
-                read_volatile(addr_of!((*m).remote_ip6[0])),
-                read_volatile(addr_of!((*m).remote_ip6[1])),
-                read_volatile(addr_of!((*m).remote_ip6[2])),
-                read_volatile(addr_of!((*m).remote_ip6[3])),
-            ],
-            read_volatile(addr_of!((*m).local_port)),
-            read_volatile(addr_of!((*m).remote_port)),
-        )
-    };
-    let (local, remote) = if family == u32::from(AF_INET) {
-        (Addr::v4(l4), Addr::v4(r4))
-    } else if family == u32::from(AF_INET6) {
-        (Addr::v6(l6), Addr::v6(r6))
-    } else {
-        return None;
-    };
-    Some(SockKey {
-        // SAFETY: helper valid for sk_msg programs.
-        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        local,
-        remote,
-        local_port: lport as u16,
-        remote_port: u32::from_be(rport) as u16,
-        _pad: 0,
-    })
+    // SAFETY: helper valid for sk_msg programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    sock_key!(ctx.msg, netns)
 }

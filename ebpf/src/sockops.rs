@@ -14,13 +14,14 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use sluice_common::{
-    AF_INET, AF_INET6, Addr, Counter, GLOBAL_ACCELERATE, MARK_MASK, OrigDst, PORT_DNS,
-    PORT_OUTBOUND, PodConfig, REPLY_MARK, SockKey, ZTUNNEL_MARK,
+    Counter, GLOBAL_ACCELERATE, MARK_MASK, OrigDst, PORT_DNS, PORT_OUTBOUND, PodConfig, REPLY_MARK,
+    SockKey, ZTUNNEL_MARK,
 };
 
 use crate::{
     counters::bump,
     maps::{FLOW_ORIG, PODS, SOCK_ORIG, SOCKS, global_flags},
+    sock_tuple::sock_key,
 };
 
 #[sock_ops]
@@ -35,51 +36,12 @@ pub fn sl_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// The socket's netns and 4-tuple, as seen from the socket. Every ctx field is read with its
-/// own constant-offset load: the verifier refuses a computed ctx offset.
+/// The socket's netns and 4-tuple, as seen from the socket.
 #[inline(always)]
 fn sock_key(ctx: &SockOpsContext) -> Option<SockKey> {
-    let o = ctx.ops;
-    // SAFETY: 4-byte loads of readable bpf_sock_ops fields.
-    let (family, l4, r4, l6, r6, lport, rport) = unsafe {
-        (
-            read_volatile(addr_of!((*o).family)),
-            read_volatile(addr_of!((*o).local_ip4)),
-            read_volatile(addr_of!((*o).remote_ip4)),
-            [
-                read_volatile(addr_of!((*o).local_ip6[0])),
-                read_volatile(addr_of!((*o).local_ip6[1])),
-                read_volatile(addr_of!((*o).local_ip6[2])),
-                read_volatile(addr_of!((*o).local_ip6[3])),
-            ],
-            [
-                read_volatile(addr_of!((*o).remote_ip6[0])),
-                read_volatile(addr_of!((*o).remote_ip6[1])),
-                read_volatile(addr_of!((*o).remote_ip6[2])),
-                read_volatile(addr_of!((*o).remote_ip6[3])),
-            ],
-            read_volatile(addr_of!((*o).local_port)),
-            read_volatile(addr_of!((*o).remote_port)),
-        )
-    };
-    let (local, remote) = if family == u32::from(AF_INET) {
-        (Addr::v4(l4), Addr::v4(r4))
-    } else if family == u32::from(AF_INET6) {
-        (Addr::v6(l6), Addr::v6(r6))
-    } else {
-        return None;
-    };
     // SAFETY: helper valid for sockops programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    Some(SockKey {
-        netns,
-        local,
-        remote,
-        local_port: lport as u16,
-        // remote_port holds the network-order port in its upper half on little endian.
-        remote_port: u32::from_be(rport) as u16,
-        _pad: 0,
-    })
+    sock_key!(ctx.ops, netns)
 }
 
 #[inline(always)]

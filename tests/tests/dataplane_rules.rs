@@ -13,7 +13,7 @@ use sluice_agent::dataplane::EnrollOptions;
 use sluice_common::Counter;
 use sluice_tests::{
     fixture::DataplaneFixture,
-    harness::{ConnectOptions, ConnectResult, Peer, require_root},
+    harness::{App, ConnectOptions, ConnectResult, Peer, require_root},
 };
 
 const TESTKIT: &str = env!("CARGO_BIN_EXE_sluice-testkit");
@@ -27,6 +27,30 @@ fn fixture(pods: usize, accelerate: bool) -> Option<DataplaneFixture> {
         return None;
     }
     Some(DataplaneFixture::new(Path::new(TESTKIT), pods, accelerate).expect("fixture"))
+}
+
+/// The usual cast: pod `pod` enrolled with its peer ("ztunnel"), a server on :8080 in pod 1,
+/// and a client app in `client_pod`.
+struct Scene {
+    fx: DataplaneFixture,
+    peer: Peer,
+    server: App,
+    client: App,
+}
+
+fn scene(pods: usize, pod: usize, client_pod: usize) -> Option<Scene> {
+    let mut fx = fixture(pods, false)?;
+    fx.enroll(pod, EnrollOptions::default()).unwrap();
+    let peer = fx.peer(pod).unwrap();
+    let server = fx.app(1).unwrap();
+    server.listen(8080).unwrap();
+    let client = fx.app(client_pod).unwrap();
+    Some(Scene {
+        fx,
+        peer,
+        server,
+        client,
+    })
 }
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
@@ -73,14 +97,15 @@ fn assert_no_event(peer: &Peer, kind: &str) {
 /// (at SOL_IP for IPv4, at SOL_IPV6 for IPv6); the app still sees its original peer.
 #[test]
 fn outbound_tcp_goes_to_ztunnel_with_its_original_destination() {
-    let Some(mut fx) = fixture(2, false) else {
+    let Some(Scene {
+        mut fx,
+        peer,
+        server: _server,
+        client,
+    }) = scene(2, 0, 0)
+    else {
         return;
     };
-    fx.enroll(0, EnrollOptions::default()).unwrap();
-    let peer = fx.peer(0).unwrap();
-    let server = fx.app(1).unwrap();
-    server.listen(8080).unwrap();
-    let client = fx.app(0).unwrap();
     let (pod0, pod1) = (fx.pod(0), fx.pod(1));
 
     for (src, dst, level) in [
@@ -149,14 +174,15 @@ fn outbound_tcp_goes_to_ztunnel_with_its_original_destination() {
 /// come back to it (the client gets the banner and its echo).
 #[test]
 fn inbound_tcp_goes_to_ztunnel_and_the_app_sees_the_client() {
-    let Some(mut fx) = fixture(2, false) else {
+    let Some(Scene {
+        mut fx,
+        peer,
+        server: _server,
+        client,
+    }) = scene(2, 1, 0)
+    else {
         return;
     };
-    fx.enroll(1, EnrollOptions::default()).unwrap();
-    let peer = fx.peer(1).unwrap();
-    let server = fx.app(1).unwrap();
-    server.listen(8080).unwrap();
-    let client = fx.app(0).unwrap();
     let (pod0, pod1) = (fx.pod(0), fx.pod(1));
 
     for (src, dst) in [
@@ -200,14 +226,15 @@ fn inbound_tcp_goes_to_ztunnel_and_the_app_sees_the_client() {
 /// Row 3 (HBONE): inbound to 15008 reaches ztunnel's own listener untouched.
 #[test]
 fn hbone_port_passes_untouched() {
-    let Some(mut fx) = fixture(2, false) else {
+    let Some(Scene {
+        fx,
+        peer,
+        server: _server,
+        client,
+    }) = scene(2, 1, 0)
+    else {
         return;
     };
-    fx.enroll(1, EnrollOptions::default()).unwrap();
-    let peer = fx.peer(1).unwrap();
-    let server = fx.app(1).unwrap();
-    server.listen(8080).unwrap();
-    let client = fx.app(0).unwrap();
     let pod1 = fx.pod(1);
     for dst in pod1.ips() {
         let opts = ConnectOptions {
@@ -228,14 +255,15 @@ fn hbone_port_passes_untouched() {
 /// Row 3: sockets marked 0x539, loopback, and the pod's own addresses are not redirected.
 #[test]
 fn marked_loopback_and_own_address_traffic_is_untouched() {
-    let Some(mut fx) = fixture(2, false) else {
+    let Some(Scene {
+        fx,
+        peer,
+        server: _server,
+        client,
+    }) = scene(2, 0, 0)
+    else {
         return;
     };
-    fx.enroll(0, EnrollOptions::default()).unwrap();
-    let peer = fx.peer(0).unwrap();
-    let server = fx.app(1).unwrap();
-    server.listen(8080).unwrap();
-    let client = fx.app(0).unwrap();
     client.listen(9090).unwrap();
     let (pod0, pod1) = (fx.pod(0), fx.pod(1));
 

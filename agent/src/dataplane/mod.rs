@@ -540,32 +540,29 @@ impl Dataplane {
 
     /// Entries in use and capacity per map (for status and metrics).
     pub fn map_fill(&self) -> Vec<MapFill> {
+        let fill = |name, used, capacity: u32| MapFill {
+            name,
+            used,
+            capacity: capacity as usize,
+        };
         vec![
-            MapFill {
-                name: maps::PODS,
-                used: self.pods.keys().count(),
-                capacity: 8192,
-            },
-            MapFill {
-                name: maps::HOST_ADDRS,
-                used: self.host_addrs.keys().count(),
-                capacity: 1024,
-            },
-            MapFill {
-                name: maps::FLOW_ORIG,
-                used: self.flows.keys().count(),
-                capacity: 65536,
-            },
-            MapFill {
-                name: maps::SOCKS,
-                used: self.socks.keys().count(),
-                capacity: 65536,
-            },
-            MapFill {
-                name: maps::NO_ACCEL,
-                used: self.no_accel.keys().count(),
-                capacity: 65536,
-            },
+            fill(maps::PODS, self.pods.keys().count(), maps::PODS_CAPACITY),
+            fill(
+                maps::HOST_ADDRS,
+                self.host_addrs.keys().count(),
+                maps::HOST_ADDRS_CAPACITY,
+            ),
+            fill(
+                maps::FLOW_ORIG,
+                self.flows.keys().count(),
+                maps::FLOW_ORIG_CAPACITY,
+            ),
+            fill(maps::SOCKS, self.socks.keys().count(), maps::SOCKS_CAPACITY),
+            fill(
+                maps::NO_ACCEL,
+                self.no_accel.keys().count(),
+                maps::NO_ACCEL_CAPACITY,
+            ),
         ]
     }
 

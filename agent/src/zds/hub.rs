@@ -110,14 +110,7 @@ impl Hub {
                 nacks: 0,
             },
         );
-        send_to_newest(
-            &mut st,
-            JobKind::Add {
-                workload,
-                in_snapshot: false,
-            },
-            done,
-        );
+        send_add(&mut st, workload, done);
         rx
     }
 
@@ -218,14 +211,7 @@ impl Hub {
         }
         let workload = entry.workload.clone();
         let (done, _) = oneshot::channel();
-        send_to_newest(
-            &mut st,
-            JobKind::Add {
-                workload,
-                in_snapshot: false,
-            },
-            done,
-        );
+        send_add(&mut st, workload, done);
     }
 
     /// ztunnel's view of each workload.
@@ -240,6 +226,18 @@ impl Hub {
     pub fn connections(&self) -> usize {
         self.lock().conns.len()
     }
+}
+
+/// A live Add: to the newest connection.
+fn send_add(st: &mut State, workload: Workload, done: oneshot::Sender<AckResult>) {
+    send_to_newest(
+        st,
+        JobKind::Add {
+            workload,
+            in_snapshot: false,
+        },
+        done,
+    );
 }
 
 fn send_to_newest(st: &mut State, kind: JobKind, done: oneshot::Sender<AckResult>) {
