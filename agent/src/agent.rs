@@ -366,6 +366,30 @@ impl Agent {
         Ok(())
     }
 
+    /// Unenrolls pods whose netns path no longer names their namespace: the pod is gone (its
+    /// sandbox was torn down) and nobody told us. Returns the uids let go.
+    pub async fn collect_vanished(self: &Arc<Self>) -> Vec<String> {
+        let _serial = self.ops.lock().await;
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let mut table = lock(&this.pods);
+            let gone: Vec<String> = table
+                .values()
+                .filter(|p| !names_its_netns(&p.record))
+                .map(|p| p.record.uid.clone())
+                .collect();
+            for uid in &gone {
+                info!(uid, "the pod's network namespace is gone; unenrolling");
+                if let Err(e) = this.unenroll_locked(&mut table, uid) {
+                    warn!(uid, error = %e, "unenrolling a vanished pod");
+                }
+            }
+            gone
+        })
+        .await
+        .unwrap_or_default()
+    }
+
     pub fn status(&self) -> Status {
         let states = self.hub.states();
         let pods = lock(&self.pods)
@@ -455,6 +479,14 @@ fn workload_of(pod: &Pod) -> Workload {
         },
         netns: pod.netns.clone(),
     }
+}
+
+/// Whether the record's netns path still names the namespace that was enrolled.
+fn names_its_netns(record: &PodRecord) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(&record.netns)
+        .map(|m| m.ino() == record.netns_inode)
+        .unwrap_or(false)
 }
 
 /// Opens the record's netns if its path still names the same namespace.

@@ -106,6 +106,9 @@ pub struct RunArgs {
     /// Milliseconds an enroll request waits for ztunnel's ACK by default.
     #[arg(long, env = "SLUICE_ENROLL_WAIT_MS", default_value_t = 5000)]
     pub enroll_wait_ms: u64,
+    /// Seconds between checks for pods whose network namespace disappeared without an unenroll.
+    #[arg(long, env = "SLUICE_GC_INTERVAL", default_value_t = 10)]
+    pub gc_interval: u64,
     /// This node's name (informational in standalone mode).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,

@@ -93,6 +93,11 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
     let control_task =
         tokio::spawn(control_server.run(Arc::clone(&agent), stop_rx.clone(), stop_tx.clone()));
     tasks.spawn(refresh_loop(Arc::clone(&agent), stop_rx.clone()));
+    tasks.spawn(gc_loop(
+        Arc::clone(&agent),
+        Duration::from_secs(args.gc_interval.max(1)),
+        stop_rx.clone(),
+    ));
     agent.set_ready();
     info!(control = %control_socket.display(), zds = %args.node.zds_socket.display(), "agent ready");
 
@@ -168,6 +173,22 @@ async fn refresh_host_addrs(agent: &Arc<Agent>) {
         Ok(Ok(n)) => tracing::debug!(addresses = n, "node addresses refreshed"),
         Ok(Err(e)) => warn!(error = %e, "refreshing node addresses"),
         Err(e) => warn!(error = %e, "refreshing node addresses"),
+    }
+}
+
+/// Lets go of pods whose netns vanished (the safety net for a missed unenroll).
+async fn gc_loop(
+    agent: Arc<Agent>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    loop {
+        tokio::select! {
+            _ = crate::shutdown::stopped(&mut stop) => return Ok(()),
+            _ = tokio::time::sleep(every) => {
+                agent.collect_vanished().await;
+            }
+        }
     }
 }
 

@@ -448,3 +448,32 @@ fn restart_finishes_interrupted_operations() {
         ["sl_pod_ingress"]
     );
 }
+
+/// A pod whose netns disappears without an unenroll (a missed CNI DEL) is let go: its record
+/// and dataplane entry removed, ztunnel told with a Del, and its namespace no longer held open.
+#[test]
+fn a_vanished_pod_netns_is_collected() {
+    let Some(fx) = fixture(2, &["--gc-interval", "1"]) else {
+        return;
+    };
+    let client = sluice_tests::zds::ZdsClient::spawn(
+        fx.zds_conn().unwrap(),
+        sluice_tests::zds::Policy::ack_all(),
+    )
+    .unwrap();
+    fx.enroll(1, &[]).unwrap();
+    client
+        .wait_for(|e| e.kind == sluice_tests::zds::Kind::Add, WAIT)
+        .unwrap();
+    // The pod goes away: its netns path is removed (the agent and ztunnel-side still hold it).
+    sluice_tests::harness::ip(&["netns", "del", fx.topo.pod(1).netns.name()]).unwrap();
+    client
+        .wait_for(
+            |e| e.kind == sluice_tests::zds::Kind::Del && e.uid.as_deref() == Some(uid(1).as_str()),
+            WAIT,
+        )
+        .unwrap();
+    assert!(enrolled_uids(&fx).is_empty());
+    assert_eq!(map_used(&fx, "SL_PODS"), 0);
+    client.finish().check_invariants().unwrap();
+}
