@@ -37,10 +37,26 @@ pub fn sl_getsockopt(ctx: SockoptContext) -> i32 {
         )
     };
     if optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
+        leave_large_buffers_alone(&ctx);
         return PROCEED;
     }
     answer_original_dst(&ctx, level == SOL_IPV6);
     PROCEED
+}
+
+/// Kernels before 6.5 fail a getsockopt with EFAULT when the caller's buffer is larger than a
+/// page and a program returns without shrinking `optlen` (the program only sees the first
+/// page). `optlen = 0` tells them to keep the kernel's own answer, untouched.
+#[inline(always)]
+fn leave_large_buffers_alone(ctx: &SockoptContext) {
+    const PAGE_SIZE: i32 = 4096;
+    let so = ctx.sockopt;
+    // SAFETY: 4-byte ctx load and store.
+    unsafe {
+        if read_volatile(addr_of!((*so).optlen)) > PAGE_SIZE {
+            write_volatile(addr_of_mut!((*so).optlen), 0);
+        }
+    }
 }
 
 #[inline(always)]
