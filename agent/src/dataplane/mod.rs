@@ -5,23 +5,23 @@
 //! Lifecycle: `Dataplane::load` adopts what a previous agent pinned (or attaches it the first
 //! time); `enroll`/`unenroll` act on a live namespace whose processes keep running. Everything
 //! attached is pinned, so redirection keeps working while no agent runs.
+mod attach;
 pub mod bpf_sys;
+mod cgroup;
+mod error;
 mod object;
 mod pins;
 pub mod pod_net;
 
 use std::{
-    fs::File,
-    io,
     net::IpAddr,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, SockHash},
-    programs::{Program, SkMsg},
 };
 use sluice_common::{
     Addr, Counter, GLOBAL_ACCELERATE, GlobalConfig, MAX_POD_IPS, OrigDst, POD_BYPASS_INBOUND,
@@ -29,12 +29,17 @@ use sluice_common::{
 };
 use tracing::{debug, info, warn};
 
+pub use cgroup::cgroup2_root;
+pub use error::Error;
 pub use object::object_id;
 pub use pins::PinLayout;
 
-use crate::netns::{Netns, NetnsError};
-use bpf_sys::{BPF_TCX_INGRESS, link_create, obj_pin};
-use object::{CGROUP_PROGRAMS, OBJECT};
+use crate::netns::Netns;
+use attach::{
+    attach_cgroup_programs, attach_sk_msg, attach_tc, load_program, static_name, take_map,
+};
+use error::{io_err, is_not_found};
+use object::OBJECT;
 use pod_net::InterfaceKind;
 
 /// Where the dataplane pins its state and which cgroup its programs watch.
@@ -53,39 +58,6 @@ pub struct DataplaneConfig {
 }
 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sluice";
-
-/// The cgroup v2 root (`/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid
-/// ones). Pods have no v2 cgroup of their own on hybrid hosts; the root sees them all.
-///
-/// Only a mount of the real root qualifies (its inode is 1): inside a container with its own
-/// cgroup namespace, the cgroup2 mount shows just the container's cgroup, and attaching there
-/// would silently redirect nothing.
-pub fn cgroup2_root() -> io::Result<PathBuf> {
-    use std::os::unix::fs::MetadataExt as _;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let mounts: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|line| {
-            // "<id> <parent> <dev> <root> <mount point> <opts> ... - <fstype> <source> <super opts>"
-            let (pre, post) = line.split_once(" - ")?;
-            let mount_point = pre.split_whitespace().nth(4)?;
-            (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
-        })
-        .collect();
-    mounts
-        .iter()
-        .find(|m| std::fs::metadata(m).map(|md| md.ino() == 1).unwrap_or(false))
-        .cloned()
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!(
-                    "no mount of the cgroup2 root (cgroup2 mounts: {mounts:?}); mount the host's cgroup2 \
-                     or pass --cgroup"
-                ),
-            )
-        })
-}
 
 /// Per-pod options (Istio annotations `ambient.istio.io/dns-capture` and
 /// `ambient.istio.io/bypass-inbound-capture`).
@@ -130,41 +102,6 @@ pub struct LinkStatus {
 pub enum EnrollStage {
     /// Pod netns configured and TC programs attached; not yet published to the map.
     Attached,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Netns(#[from] NetnsError),
-    #[error("network namespace {0} is already enrolled")]
-    AlreadyEnrolled(PathBuf),
-    #[error("network namespace {0} is not enrolled")]
-    NotEnrolled(PathBuf),
-    #[error("{0} pod IPs given; at most {MAX_POD_IPS} are supported")]
-    TooManyIps(usize),
-    #[error("network namespace {0} vanished during enrollment")]
-    NetnsVanished(PathBuf),
-    #[error("network namespace {0} has no loopback interface")]
-    NoLoopback(PathBuf),
-    #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("eBPF program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
-    #[error("eBPF map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
-    let what = what.into();
-    move |source| Error::Io { what, source }
 }
 
 /// A loaded dataplane. Dropping it leaves everything attached (that is the point of pinning).
@@ -613,175 +550,5 @@ impl Dataplane {
         fd.as_fd()
             .try_clone_to_owned()
             .map_err(io_err(format!("duplicating the fd of {name}")))
-    }
-}
-
-fn is_not_found(e: &aya::maps::MapError) -> bool {
-    match e {
-        aya::maps::MapError::KeyNotFound => true,
-        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
-    }
-}
-
-fn static_name(name: &str) -> &'static str {
-    [
-        progs::CONNECT4,
-        progs::CONNECT6,
-        progs::SENDMSG4,
-        progs::SENDMSG6,
-        progs::RECVMSG4,
-        progs::RECVMSG6,
-        progs::GETPEERNAME4,
-        progs::GETPEERNAME6,
-        progs::GETSOCKOPT,
-        progs::SOCKOPS,
-        progs::SK_MSG,
-        progs::TC_POD_INGRESS,
-        progs::TC_POD_INGRESS_L3,
-        progs::TC_LO_INGRESS,
-    ]
-    .into_iter()
-    .find(|p| *p == name)
-    .unwrap_or("unknown program")
-}
-
-fn load_program(program: &mut Program) -> Result<(), aya::programs::ProgramError> {
-    match program {
-        Program::CgroupSockAddr(p) => p.load(),
-        Program::CgroupSockopt(p) => p.load(),
-        Program::SockOps(p) => p.load(),
-        Program::SkMsg(p) => p.load(),
-        Program::SchedClassifier(p) => p.load(),
-        _ => Ok(()),
-    }
-}
-
-fn take_map<V: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<V, Error> {
-    let map = ebpf.take_map(name).ok_or(Error::Map {
-        name,
-        source: aya::maps::MapError::InvalidName { name: name.into() },
-    })?;
-    V::try_from(map).map_err(|source| Error::Map { name, source })
-}
-
-/// Attaches (or adopts) this build's cgroup programs, then detaches other builds'.
-fn attach_cgroup_programs(
-    ebpf: &Ebpf,
-    layout: &PinLayout,
-    object_id: &str,
-    cgroup: &Path,
-) -> Result<bool, Error> {
-    let dir = layout.cgroup_links(object_id);
-    std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    let cgroup_dir =
-        File::open(cgroup).map_err(io_err(format!("opening cgroup {}", cgroup.display())))?;
-    let mut adopted = true;
-    for (name, attach_type) in CGROUP_PROGRAMS {
-        let pin = dir.join(name);
-        if bpf_sys::obj_get(&pin).is_ok() {
-            continue;
-        }
-        adopted = false;
-        let program = ebpf.program(name).ok_or(Error::Program {
-            name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?;
-        let fd = program
-            .fd()
-            .map_err(|source| Error::Program { name, source })?;
-        let link = link_create(fd.as_fd(), cgroup_dir.as_raw_fd() as u32, attach_type)
-            .map_err(io_err(format!("attaching {name} to {}", cgroup.display())))?;
-        // A stale non-link file in the way would make pinning fail.
-        let _ = std::fs::remove_file(&pin);
-        obj_pin(link.as_fd(), &pin).map_err(io_err(format!("pinning {}", pin.display())))?;
-    }
-    for entry in std::fs::read_dir(layout.cgroup_dir())
-        .map_err(io_err("listing cgroup links"))?
-        .flatten()
-    {
-        if entry.file_name() != *object_id {
-            info!(build = ?entry.file_name(), "replacing the cgroup programs of another build");
-            pins::detach_and_remove(&entry.path())
-                .map_err(io_err(format!("removing {}", entry.path().display())))?;
-        }
-    }
-    Ok(adopted)
-}
-
-/// Attaches the acceleration program to the sockhash. The attachment belongs to the (pinned)
-/// map, so the link handle is deliberately leaked: dropping it would detach.
-fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), Error> {
-    let map_fd = {
-        let map = ebpf.map(maps::SOCKS).ok_or(Error::Map {
-            name: maps::SOCKS,
-            source: aya::maps::MapError::InvalidName {
-                name: maps::SOCKS.into(),
-            },
-        })?;
-        let socks = SockHash::<_, SockKey>::try_from(map).map_err(|source| Error::Map {
-            name: maps::SOCKS,
-            source,
-        })?;
-        socks
-            .fd()
-            .try_clone()
-            .map_err(io_err("duplicating the sockhash fd"))?
-    };
-    let name = progs::SK_MSG;
-    let program: &mut SkMsg = ebpf
-        .program_mut(name)
-        .ok_or(Error::Program {
-            name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?
-        .try_into()
-        .map_err(|source| Error::Program { name, source })?;
-    let id = program
-        .attach(&map_fd)
-        .map_err(|source| Error::Program { name, source })?;
-    let link = program
-        .take_link(id)
-        .map_err(|source| Error::Program { name, source })?;
-    std::mem::forget(link);
-    Ok(())
-}
-
-/// Attaches a TC ingress program to `ifindex` (in the calling thread's netns) with TCX and pins
-/// the link in `pod_dir`.
-fn attach_tc(prog: BorrowedFd<'_>, ifindex: u32, pod_dir: &Path) -> Result<(), Error> {
-    let link = link_create(prog, ifindex, BPF_TCX_INGRESS).map_err(|e| {
-        let hint = if e.raw_os_error() == Some(libc::EINVAL) {
-            " (TCX needs kernel ≥ 6.6)"
-        } else {
-            ""
-        };
-        Error::Io {
-            what: format!("attaching TC ingress to ifindex {ifindex}{hint}"),
-            source: e,
-        }
-    })?;
-    let pin = pod_dir.join(format!("tc-{ifindex}"));
-    obj_pin(link.as_fd(), &pin).map_err(io_err(format!("pinning {}", pin.display())))
-}
-
-#[cfg(test)]
-mod tests {
-    use std::os::unix::fs::MetadataExt as _;
-
-    #[test]
-    fn the_cgroup2_root_is_found_and_is_the_root() {
-        // Every machine this runs on mounts cgroup2 (unified or hybrid).
-        let root = super::cgroup2_root().unwrap();
-        assert_eq!(
-            std::fs::metadata(&root).unwrap().ino(),
-            1,
-            "{}",
-            root.display()
-        );
-        assert!(root.join("cgroup.procs").exists());
     }
 }
