@@ -288,7 +288,11 @@ impl Agent {
                 netns: Some(Arc::clone(&ns)),
             },
         );
-        self.save(&table)?;
+        // The intent is on disk before the dataplane changes, or nothing changes.
+        if let Err(e) = self.save(&table) {
+            table.remove(&req.uid);
+            return Err(e.into());
+        }
         let opts = EnrollOptions {
             dns_capture,
             bypass_inbound: req.bypass_inbound,
