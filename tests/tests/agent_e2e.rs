@@ -477,3 +477,39 @@ fn a_vanished_pod_netns_is_collected() {
     assert_eq!(map_used(&fx, "SL_PODS"), 0);
     client.finish().check_invariants().unwrap();
 }
+
+/// After a restart, a pod whose netns is alive but can no longer be opened by its path (here:
+/// the path is gone while a process still lives in the namespace) is sent as a Keep in the
+/// snapshot, so ztunnel keeps serving it rather than dropping it.
+#[test]
+fn a_pod_whose_netns_cannot_be_opened_is_kept_through_a_restart() {
+    let Some(mut fx) = fixture(1, &[]) else {
+        return;
+    };
+    fx.enroll(0, &["--wait-ms", "0"]).unwrap();
+    let holder = fx.app(0).unwrap();
+    fx.agent.kill();
+    sluice_tests::harness::ip(&["netns", "del", fx.topo.pod(0).netns.name()]).unwrap();
+    fx.agent.restart().unwrap();
+    fx.agent.wait_ready(WAIT).unwrap();
+    assert_eq!(enrolled_uids(&fx), [uid(0)]);
+    let client = sluice_tests::zds::ZdsClient::spawn(
+        fx.zds_conn().unwrap(),
+        sluice_tests::zds::Policy::ack_all(),
+    )
+    .unwrap();
+    client
+        .wait_for(|e| e.kind == sluice_tests::zds::Kind::SnapshotSent, WAIT)
+        .unwrap();
+    let t = client.finish();
+    t.check_invariants().unwrap();
+    assert_eq!(
+        t.kinds(),
+        [
+            sluice_tests::zds::Kind::Keep,
+            sluice_tests::zds::Kind::SnapshotSent
+        ]
+    );
+    assert_eq!(t.entries()[0].uid.as_deref(), Some(uid(0).as_str()));
+    drop(holder);
+}

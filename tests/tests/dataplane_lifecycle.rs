@@ -9,8 +9,8 @@ use sluice_agent::{
 use sluice_tests::{
     fixture::DataplaneFixture,
     harness::{
-        BPF_CGROUP_INET4_CONNECT, ForeignCgroupProg, Netns, cgroup_attached_prog_ids, prog_name,
-        require_root, tcx_ingress_prog_names,
+        BPF_CGROUP_INET4_CONNECT, ForeignCgroupProg, ForeignTcxProg, Netns,
+        cgroup_attached_prog_ids, prog_name, require_root, tcx_ingress_prog_names,
     },
 };
 
@@ -51,6 +51,8 @@ fn wait_accepts(server: &sluice_tests::harness::App, n: usize) {
 fn restart_adopts_pins_keeps_redirecting_and_uninstall_leaves_nothing() {
     let Some(mut fx) = fixture(2) else { return };
     let foreign = ForeignCgroupProg::attach(&fx.cgroup).unwrap();
+    // Another TC user inside the pod, attached before us.
+    let _foreign_tc = ForeignTcxProg::attach(fx.pod(0).path(), "eth0").unwrap();
     assert!(!fx.dp().adopted());
     fx.enroll(0, EnrollOptions::default()).unwrap();
     let peer = fx.peer(0).unwrap();
@@ -92,8 +94,18 @@ fn restart_adopts_pins_keeps_redirecting_and_uninstall_leaves_nothing() {
     let pod0 = fx.pod(0).path().to_path_buf();
     assert_eq!(
         tcx_ingress_prog_names(&pod0, "eth0").unwrap(),
-        ["sl_pod_ingress"]
+        ["foreign_tcx", "sl_pod_ingress"]
     );
+    // Behind the foreign TC program, inbound redirection still works.
+    let inside = fx.app(0).unwrap();
+    inside.listen(9000).unwrap();
+    let dst = SocketAddr::new(fx.pod(0).ips()[0], 9000);
+    server.connect(dst, None).unwrap().ensure_ok().unwrap();
+    peer.wait_event(
+        |e| e["event"] == "inbound" && e["orig_dst"] == dst.to_string(),
+        WAIT,
+    )
+    .unwrap();
     assert_eq!(
         tcx_ingress_prog_names(&pod0, "lo").unwrap(),
         ["sl_lo_ingress"]
@@ -111,7 +123,11 @@ fn restart_adopts_pins_keeps_redirecting_and_uninstall_leaves_nothing() {
             .unwrap()
             .contains(&foreign.id())
     );
-    assert!(tcx_ingress_prog_names(&pod0, "eth0").unwrap().is_empty());
+    assert_eq!(
+        tcx_ingress_prog_names(&pod0, "eth0").unwrap(),
+        ["foreign_tcx"],
+        "only the foreign TC program is left"
+    );
     assert!(tcx_ingress_prog_names(&pod0, "lo").unwrap().is_empty());
     let p0 = &fx.pod(0).netns;
     assert!(!p0.ip(&["rule"]).unwrap().contains("0x111"));

@@ -177,33 +177,82 @@ impl ForeignCgroupProg {
 
 /// `r0 = 1; exit` — let every connect through unchanged.
 fn load_allow_prog(expected_attach_type: u32) -> Result<OwnedFd> {
+    load_const_prog(
+        BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        expected_attach_type,
+        1,
+        FOREIGN_PROG_NAME,
+    )
+}
+
+/// Loads `r0 = ret; exit` as a program of `prog_type` named `name`.
+fn load_const_prog(
+    prog_type: u32,
+    expected_attach_type: u32,
+    ret: i32,
+    name: &[u8],
+) -> Result<OwnedFd> {
     // struct bpf_insn { u8 code; u8 dst:4, src:4; s16 off; s32 imm; } as little-endian u64.
-    const MOV64_R0_1: u64 = 0xb7 | (1 << 32); // BPF_ALU64 | BPF_MOV | BPF_K, imm=1
+    let mov64_r0_imm: u64 = 0xb7 | (u64::from(ret as u32) << 32); // BPF_ALU64 | BPF_MOV | BPF_K
     const EXIT: u64 = 0x95; // BPF_JMP | BPF_EXIT
-    let insns = [MOV64_R0_1, EXIT];
+    let insns = [mov64_r0_imm, EXIT];
     let license = c"GPL";
     let mut log = vec![0u8; 64 * 1024];
-    let mut name = [0u8; 16];
-    name[..FOREIGN_PROG_NAME.len()].copy_from_slice(FOREIGN_PROG_NAME);
+    let mut prog_name = [0u8; 16];
+    prog_name[..name.len()].copy_from_slice(name);
     let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        prog_type,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
         log_level: 1,
         log_size: log.len() as u32,
         log_buf: log.as_mut_ptr() as u64,
-        prog_name: name,
+        prog_name,
         expected_attach_type,
         ..Default::default()
     };
     sys_bpf_fd(BPF_PROG_LOAD, &mut attr).with_context(|| {
         let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
         format!(
-            "BPF_PROG_LOAD foreign_test; verifier log: {}",
+            "BPF_PROG_LOAD {}; verifier log: {}",
+            String::from_utf8_lossy(name),
             String::from_utf8_lossy(&log[..end])
         )
     })
+}
+
+/// A trivial TCX ingress program named `foreign_tcx` that passes every packet on to the next
+/// program (TCX_NEXT): another eBPF user inside a pod's netns. Dropping it detaches it.
+pub struct ForeignTcxProg {
+    _link: OwnedFd,
+    _prog: OwnedFd,
+}
+
+impl ForeignTcxProg {
+    /// Attaches to `ifname` in the netns at `netns` (the link is created inside it).
+    pub fn attach(netns: &std::path::Path, ifname: &str) -> Result<ForeignTcxProg> {
+        const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+        const TCX_NEXT: i32 = -1;
+        let prog = load_const_prog(BPF_PROG_TYPE_SCHED_CLS, 0, TCX_NEXT, b"foreign_tcx")?;
+        let ifname = std::ffi::CString::new(ifname)?;
+        let prog_fd = prog.as_raw_fd() as u32;
+        let link = super::netns::run_in_netns(netns, || {
+            // SAFETY: valid NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
+            let mut attr = LinkCreateAttr {
+                prog_fd,
+                target_fd: ifindex,
+                attach_type: BPF_TCX_INGRESS,
+                flags: 0,
+            };
+            sys_bpf_fd(BPF_LINK_CREATE, &mut attr).context("BPF_LINK_CREATE tcx")
+        })??;
+        Ok(ForeignTcxProg {
+            _link: link,
+            _prog: prog,
+        })
+    }
 }
 
 fn prog_info(fd: libc::c_int) -> Result<ProgInfoHead> {
