@@ -278,6 +278,7 @@ impl Agent {
             ips: ips.clone(),
             dns_capture,
             bypass_inbound: req.bypass_inbound,
+            ipv6: self.settings.ipv6,
             phase: Phase::Enrolling,
         };
         let ns = Arc::new(ns);
@@ -296,6 +297,7 @@ impl Agent {
         let opts = EnrollOptions {
             dns_capture,
             bypass_inbound: req.bypass_inbound,
+            ipv6: self.settings.ipv6,
         };
         if let Err(e) = dp.enroll(&ns, &ips, opts) {
             table.remove(&req.uid);
@@ -409,6 +411,7 @@ impl Agent {
                     ips: r.ips.clone(),
                     dns_capture: r.dns_capture,
                     bypass_inbound: r.bypass_inbound,
+                    ipv6: r.ipv6,
                     ztunnel: states.get(&r.uid).cloned().unwrap_or(AckState::Pending),
                 }
             })
@@ -544,6 +547,7 @@ fn restore(dp: &mut Dataplane, records: Vec<PodRecord>) -> Vec<Pod> {
             let opts = EnrollOptions {
                 dns_capture: record.dns_capture,
                 bypass_inbound: record.bypass_inbound,
+                ipv6: record.ipv6,
             };
             match dp.enroll(ns, &record.ips, opts) {
                 Ok(c) => record.netns_cookie = c,

@@ -40,7 +40,13 @@ pub struct PodRecord {
     pub ips: Vec<IpAddr>,
     pub dns_capture: bool,
     pub bypass_inbound: bool,
+    #[serde(default = "yes")]
+    pub ipv6: bool,
     pub phase: Phase,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Serialize, Deserialize)]
@@ -181,6 +187,7 @@ mod tests {
             ips: vec!["10.0.0.1".parse().unwrap()],
             dns_capture: true,
             bypass_inbound: false,
+            ipv6: true,
             phase: Phase::Enrolled,
         }
     }

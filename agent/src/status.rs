@@ -16,6 +16,8 @@ pub struct PodStatus {
     pub ips: Vec<IpAddr>,
     pub dns_capture: bool,
     pub bypass_inbound: bool,
+    #[serde(default = "yes")]
+    pub ipv6: bool,
     pub ztunnel: AckState,
 }
 
@@ -35,6 +37,10 @@ pub struct MapFillStatus {
     pub name: String,
     pub used: usize,
     pub capacity: usize,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Renders a status as the human-readable tables of `sluice-agent status`.
@@ -64,6 +70,9 @@ pub fn render(s: &Status) -> String {
             }
             if p.bypass_inbound {
                 opts.push("bypass-inbound");
+            }
+            if !p.ipv6 {
+                opts.push("no-ipv6");
             }
             vec![
                 format!("{}/{}", p.namespace, p.name),

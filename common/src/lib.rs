@@ -40,6 +40,8 @@ pub const AF_INET6: u16 = 10;
 /// Per-pod flags in [`PodConfig::flags`].
 pub const POD_DNS_CAPTURE: u32 = 1 << 0;
 pub const POD_BYPASS_INBOUND: u32 = 1 << 1;
+/// IPv6 traffic is left alone (Istio's `AMBIENT_IPV6=false`); IPv4-mapped stays IPv4.
+pub const POD_NO_IPV6: u32 = 1 << 2;
 
 /// Global flags in [`GlobalConfig::flags`].
 pub const GLOBAL_ACCELERATE: u32 = 1 << 0;
@@ -81,6 +83,8 @@ pub mod progs {
     pub const SK_MSG: &str = "sl_sk_msg";
     pub const TC_POD_INGRESS: &str = "sl_pod_ingress";
     pub const TC_POD_INGRESS_L3: &str = "sl_pod_ingr_l3";
+    pub const TC_POD_INGRESS_V4: &str = "sl_pod_ingr4";
+    pub const TC_POD_INGRESS_V4_L3: &str = "sl_pod_ingr4_l3";
     pub const TC_LO_INGRESS: &str = "sl_lo_ingress";
 }
 

@@ -41,6 +41,8 @@ pub enum Parsed {
     Tcp(TcpPacket),
     /// A fragment of a TCP segment: its header may be missing, so it cannot be classified.
     TcpFragment,
+    /// The same, in IPv6 (or too many extension headers to tell).
+    TcpFragment6,
     Other,
 }
 
@@ -98,7 +100,7 @@ fn parse_v6(ctx: &TcContext, l3: usize) -> Result<Parsed, i64> {
             NEXTHDR_FRAGMENT => {
                 let inner: u8 = ctx.load(off)?;
                 return Ok(if inner == IPPROTO_TCP {
-                    Parsed::TcpFragment
+                    Parsed::TcpFragment6
                 } else {
                     Parsed::Other
                 });
@@ -113,7 +115,7 @@ fn parse_v6(ctx: &TcContext, l3: usize) -> Result<Parsed, i64> {
         i += 1;
     }
     // Too many extension headers to tell: treat like a fragment (not passed through unseen).
-    Ok(Parsed::TcpFragment)
+    Ok(Parsed::TcpFragment6)
 }
 
 #[inline(always)]

@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use sluice_common::{
-    Addr, Counter, DNS_PORT, MARK_MASK, OrigDst, POD_DNS_CAPTURE, PORT_DNS, PORT_OUTBOUND,
-    PodConfig, ZTUNNEL_MARK,
+    Addr, Counter, DNS_PORT, MARK_MASK, OrigDst, POD_DNS_CAPTURE, POD_NO_IPV6, PORT_DNS,
+    PORT_OUTBOUND, PodConfig, ZTUNNEL_MARK,
 };
 
 use crate::{
@@ -182,6 +182,9 @@ fn redirect_target(
 ) -> Option<(Addr, u16, Counter)> {
     // Anything that stays on the pod's `lo` is left alone (upstream: `! -d 127.0.0.1 -o lo`).
     if dst.is_unspecified() || pod.is_local(dst) {
+        return None;
+    }
+    if !dst.is_v4() && pod.flags & POD_NO_IPV6 != 0 {
         return None;
     }
     if port == DNS_PORT && pod.flags & POD_DNS_CAPTURE != 0 {

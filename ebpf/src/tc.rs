@@ -34,13 +34,33 @@ const TCP_LISTEN: u32 = 10;
 /// For interfaces with an Ethernet header (veth, macvlan, ipvlan).
 #[classifier]
 pub fn sl_pod_ingress(ctx: TcContext) -> i32 {
-    pod_ingress(&ctx, ETH_HLEN)
+    pod_ingress(&ctx, ETH_HLEN, Families::Both)
 }
 
 /// For interfaces without a link-layer header (tun, wireguard, ipip).
 #[classifier]
 pub fn sl_pod_ingr_l3(ctx: TcContext) -> i32 {
-    pod_ingress(&ctx, 0)
+    pod_ingress(&ctx, 0, Families::Both)
+}
+
+/// IPv4 only (the pod's IPv6 is not captured), Ethernet.
+#[classifier]
+pub fn sl_pod_ingr4(ctx: TcContext) -> i32 {
+    pod_ingress(&ctx, ETH_HLEN, Families::V4Only)
+}
+
+/// IPv4 only, no link-layer header.
+#[classifier]
+pub fn sl_pod_ingr4_l3(ctx: TcContext) -> i32 {
+    pod_ingress(&ctx, 0, Families::V4Only)
+}
+
+/// Which address families inbound redirection covers. A TC program has no per-pod config at
+/// hand, so the choice is made by attaching one program or the other.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Families {
+    Both,
+    V4Only,
 }
 
 #[classifier]
@@ -59,11 +79,13 @@ pub fn sl_lo_ingress(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn pod_ingress(ctx: &TcContext, l3: usize) -> i32 {
+fn pod_ingress(ctx: &TcContext, l3: usize, families: Families) -> i32 {
     let pkt = match parse(ctx, l3) {
+        Ok(Parsed::Tcp(pkt)) if pkt.v6 && families == Families::V4Only => return TC_ACT_OK,
+        Ok(Parsed::TcpFragment6) if families == Families::V4Only => return TC_ACT_OK,
         Ok(Parsed::Tcp(pkt)) => pkt,
         // A TCP fragment could reassemble into a SYN that reaches the app around ztunnel.
-        Ok(Parsed::TcpFragment) => return TC_ACT_SHOT,
+        Ok(Parsed::TcpFragment | Parsed::TcpFragment6) => return TC_ACT_SHOT,
         Ok(Parsed::Other) | Err(_) => return TC_ACT_OK,
     };
     if pkt.dport == PORT_HBONE

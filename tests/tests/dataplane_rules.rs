@@ -410,6 +410,41 @@ fn bypass_inbound_leaves_inbound_alone() {
     assert_no_event(&peer, "inbound");
 }
 
+/// IPv6 capture switched off (Istio's AMBIENT_IPV6=false): IPv4 is redirected both ways, IPv6
+/// goes direct both ways.
+#[test]
+fn ipv6_capture_can_be_switched_off() {
+    let Some(mut fx) = fixture(2, false) else {
+        return;
+    };
+    let no_v6 = EnrollOptions {
+        ipv6: false,
+        ..Default::default()
+    };
+    fx.enroll(0, no_v6).unwrap();
+    fx.enroll(1, no_v6).unwrap();
+    let peer0 = fx.peer(0).unwrap();
+    let peer1 = fx.peer(1).unwrap();
+    let server = fx.app(1).unwrap();
+    server.listen(8080).unwrap();
+    let client = fx.app(0).unwrap();
+    let (v4, v6) = (fx.pod(1).ips()[0], fx.pod(1).ips()[1]);
+    client
+        .connect(sa(v4, 8080), None)
+        .unwrap()
+        .ensure_ok()
+        .unwrap();
+    peer0
+        .wait_event(is("outbound", "orig_dst", sa(v4, 8080)), WAIT)
+        .unwrap();
+    peer1
+        .wait_event(is("inbound", "orig_dst", sa(v4, 8080)), WAIT)
+        .unwrap();
+    assert_direct(&client.connect(sa(v6, 8080), None).unwrap());
+    assert_no_event(&peer0, "outbound");
+    assert_no_event(&peer1, "inbound");
+}
+
 /// Row 7: pods that are not enrolled, and the node, are never affected; unenrolling restores
 /// plain behaviour for new connections; connections that existed before enrolling, and those
 /// made through ztunnel, survive enrolling and unenrolling.

@@ -38,6 +38,8 @@ pub(super) fn static_name(name: &str) -> &'static str {
         progs::SK_MSG,
         progs::TC_POD_INGRESS,
         progs::TC_POD_INGRESS_L3,
+        progs::TC_POD_INGRESS_V4,
+        progs::TC_POD_INGRESS_V4_L3,
         progs::TC_LO_INGRESS,
     ]
     .into_iter()

@@ -25,7 +25,7 @@ use aya::{
 };
 use sluice_common::{
     Addr, Counter, GLOBAL_ACCELERATE, GlobalConfig, MAX_POD_IPS, OrigDst, POD_BYPASS_INBOUND,
-    POD_DNS_CAPTURE, PodConfig, SockKey, maps, progs,
+    POD_DNS_CAPTURE, POD_NO_IPV6, PodConfig, SockKey, maps, progs,
 };
 use tracing::{debug, info, warn};
 
@@ -65,6 +65,8 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sluice";
 pub struct EnrollOptions {
     pub dns_capture: bool,
     pub bypass_inbound: bool,
+    /// Redirect IPv6 too (Istio's `AMBIENT_IPV6`); IPv4 is always redirected.
+    pub ipv6: bool,
 }
 
 impl Default for EnrollOptions {
@@ -72,6 +74,7 @@ impl Default for EnrollOptions {
         EnrollOptions {
             dns_capture: true,
             bypass_inbound: false,
+            ipv6: true,
         }
     }
 }
@@ -267,6 +270,9 @@ impl Dataplane {
         if opts.bypass_inbound {
             flags |= POD_BYPASS_INBOUND;
         }
+        if !opts.ipv6 {
+            flags |= POD_NO_IPV6;
+        }
         let mut cfg = PodConfig::new(flags, ips);
         match self.enroll_steps(netns, cookie, &mut cfg, opts) {
             Ok(()) => {
@@ -298,8 +304,13 @@ impl Dataplane {
         std::fs::create_dir_all(&pod_dir)
             .map_err(io_err(format!("creating {}", pod_dir.display())))?;
         let lo_prog = self.prog_fd(progs::TC_LO_INGRESS)?;
-        let eth_prog = self.prog_fd(progs::TC_POD_INGRESS)?;
-        let l3_prog = self.prog_fd(progs::TC_POD_INGRESS_L3)?;
+        let (eth, l3) = if opts.ipv6 {
+            (progs::TC_POD_INGRESS, progs::TC_POD_INGRESS_L3)
+        } else {
+            (progs::TC_POD_INGRESS_V4, progs::TC_POD_INGRESS_V4_L3)
+        };
+        let eth_prog = self.prog_fd(eth)?;
+        let l3_prog = self.prog_fd(l3)?;
         let path = netns.path().to_path_buf();
 
         let (saved, result) = netns.run(|| {
