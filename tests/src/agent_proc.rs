@@ -21,19 +21,9 @@ use crate::harness::{Bpffs, Cgroup, run_in_netns, unique};
 pub const HEALTH_PORT: u16 = 8000;
 pub const METRICS_PORT: u16 = 15014;
 
-/// Path of the `sluice-agent` binary.
+/// Path of the `sluice-agent` binary: `SLUICE_AGENT_BIN`, else next to the test binaries.
 pub fn agent_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("SLUICE_AGENT_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().unwrap_or_default();
-    let dir = exe.parent().unwrap_or(Path::new("."));
-    let profile = if dir.ends_with("deps") {
-        dir.parent().unwrap_or(dir)
-    } else {
-        dir
-    };
-    profile.join("sluice-agent")
+    crate::harness::sibling_binary("SLUICE_AGENT_BIN", "sluice-agent")
 }
 
 /// A unique scratch directory, removed on drop.

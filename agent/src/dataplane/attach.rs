@@ -22,6 +22,20 @@ use super::{
     pins::{self, PinLayout},
 };
 
+/// A loaded program's fd, by name.
+pub(super) fn program_fd<'a>(
+    ebpf: &'a Ebpf,
+    name: &'static str,
+) -> Result<&'a aya::programs::ProgramFd, Error> {
+    let program = ebpf.program(name).ok_or(Error::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    program
+        .fd()
+        .map_err(|source| Error::Program { name, source })
+}
+
 /// Program names as `'static` for error messages.
 pub(super) fn static_name(name: &str) -> &'static str {
     [
@@ -87,13 +101,7 @@ pub(super) fn attach_cgroup_programs(
             continue;
         }
         adopted = false;
-        let program = ebpf.program(name).ok_or(Error::Program {
-            name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?;
-        let fd = program
-            .fd()
-            .map_err(|source| Error::Program { name, source })?;
+        let fd = program_fd(ebpf, name)?;
         let link = link_create(fd.as_fd(), cgroup_dir.as_raw_fd() as u32, attach_type)
             .map_err(io_err(format!("attaching {name} to {}", cgroup.display())))?;
         // A stale non-link file in the way would make pinning fail.

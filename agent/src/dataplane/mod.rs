@@ -551,14 +551,8 @@ impl Dataplane {
     }
 
     fn prog_fd(&self, name: &'static str) -> Result<OwnedFd, Error> {
-        let program = self.ebpf.program(name).ok_or(Error::Program {
-            name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?;
-        let fd = program
-            .fd()
-            .map_err(|source| Error::Program { name, source })?;
-        fd.as_fd()
+        attach::program_fd(&self.ebpf, name)?
+            .as_fd()
             .try_clone_to_owned()
             .map_err(io_err(format!("duplicating the fd of {name}")))
     }

@@ -32,5 +32,5 @@ pub use names::unique;
 pub use netns::{Netns, list_netns, run_in_netns};
 pub use peer::Peer;
 pub use privilege::require_root;
-pub use process::{DEFAULT_TIMEOUT, Proc, testkit_path};
+pub use process::{DEFAULT_TIMEOUT, Proc, sibling_binary, testkit_path};
 pub use topology::{Pod, Topology};

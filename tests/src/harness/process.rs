@@ -22,7 +22,13 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// this package should prefer `env!("CARGO_BIN_EXE_sluice-testkit")`, which also makes
 /// cargo build it.
 pub fn testkit_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("SLUICE_TESTKIT") {
+    sibling_binary("SLUICE_TESTKIT", "sluice-testkit")
+}
+
+/// A binary of this workspace: `$env_var` if set, else `target/<profile>/<name>`, next to the
+/// running test's `deps/` directory.
+pub fn sibling_binary(env_var: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env_var) {
         return p.into();
     }
     let exe = std::env::current_exe().unwrap_or_default();
@@ -32,7 +38,7 @@ pub fn testkit_path() -> PathBuf {
     } else {
         dir
     };
-    profile_dir.join("sluice-testkit")
+    profile_dir.join(name)
 }
 
 /// A helper process placed in a network namespace and cgroup before it execs.
