@@ -3,7 +3,8 @@ use std::sync::{Arc, Mutex};
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::TypedMetric,
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
@@ -132,47 +133,67 @@ struct DataplaneCollector(Arc<dyn DataplaneStats>);
 impl Collector for DataplaneCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let counters = self.0.counters();
-        let is_redirect = |c: &BpfCounter| c.name().ends_with("_redirected");
-        let mut family = encoder.encode_descriptor(
+        let (redirects, events): (Vec<_>, Vec<_>) = counters
+            .iter()
+            .partition(|(c, _)| c.name().ends_with("_redirected"));
+        family(
+            &mut encoder,
             "sluice_redirects",
             "Connections and datagrams redirected to ztunnel, by rule (from eBPF)",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+            "rule",
+            redirects.iter().map(|(c, v)| {
+                (
+                    c.name().trim_end_matches("_redirected"),
+                    ConstCounter::new(*v),
+                )
+            }),
         )?;
-        for (c, v) in counters.iter().filter(|(c, _)| is_redirect(c)) {
-            let rule = c.name().trim_end_matches("_redirected");
-            ConstCounter::new(*v).encode(family.encode_family(&[("rule", rule)])?)?;
-        }
-        let mut family = encoder.encode_descriptor(
+        family(
+            &mut encoder,
             "sluice_ebpf_events",
             "Other eBPF events: SO_ORIGINAL_DST answers, peer rewrites, drops, acceleration",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+            "event",
+            events
+                .iter()
+                .map(|(c, v)| (c.name(), ConstCounter::new(*v))),
         )?;
-        for (c, v) in counters.iter().filter(|(c, _)| !is_redirect(c)) {
-            ConstCounter::new(*v).encode(family.encode_family(&[("event", c.name())])?)?;
-        }
         let fill = self.0.map_fill();
-        let mut family = encoder.encode_descriptor(
+        family(
+            &mut encoder,
             "sluice_map_entries",
             "Entries in use per eBPF map",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
+            "map",
+            fill.iter()
+                .map(|m| (m.name, ConstGauge::new(m.used as i64))),
         )?;
-        for m in &fill {
-            ConstGauge::new(m.used as i64).encode(family.encode_family(&[("map", m.name)])?)?;
-        }
-        let mut family = encoder.encode_descriptor(
+        family(
+            &mut encoder,
             "sluice_map_capacity",
             "Capacity per eBPF map",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for m in &fill {
-            ConstGauge::new(m.capacity as i64).encode(family.encode_family(&[("map", m.name)])?)?;
-        }
-        Ok(())
+            "map",
+            fill.iter()
+                .map(|m| (m.name, ConstGauge::new(m.capacity as i64))),
+        )
     }
+}
+
+/// One metric family with a single label, from (label value, metric) pairs.
+fn family<'a, M: EncodeMetric + TypedMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    samples: impl Iterator<Item = (&'a str, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut samples = samples.peekable();
+    let Some((_, first)) = samples.peek() else {
+        return Ok(());
+    };
+    let mut family = encoder.encode_descriptor(name, help, None, first.metric_type())?;
+    for (value, metric) in samples {
+        metric.encode(family.encode_family(&[(label, value)])?)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

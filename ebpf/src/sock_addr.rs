@@ -208,50 +208,32 @@ fn redirect_target(
 
 #[inline(always)]
 fn on_connect(ctx: &SockAddrContext, family: Family) {
-    let Some(transport) = transport(ctx) else {
-        return;
-    };
-    let Some(pod) = enrolled_pod(ctx) else { return };
-    let dst = user_addr(ctx, family);
-    let port = user_port(ctx);
-    if let Some((to, to_port, counter)) = redirect_target(pod, transport, &dst, port) {
-        remember_and_rewrite(
-            ctx,
-            family,
-            OrigDst {
-                addr: dst,
-                port,
-                _pad: 0,
-            },
-            &to,
-            to_port,
-            counter,
-        );
+    if let Some(transport) = transport(ctx) {
+        redirect(ctx, family, transport);
     }
 }
 
 #[inline(always)]
 fn on_sendmsg(ctx: &SockAddrContext, family: Family) {
     // Only UDP reaches this hook; TCP DNS is handled at connect.
-    let Some(Transport::Udp) = transport(ctx) else {
-        return;
-    };
+    if let Some(Transport::Udp) = transport(ctx) {
+        redirect(ctx, family, Transport::Udp);
+    }
+}
+
+/// Rewrites the destination of a connect or sendmsg of an enrolled pod, if it must go to ztunnel.
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext, family: Family, transport: Transport) {
     let Some(pod) = enrolled_pod(ctx) else { return };
     let dst = user_addr(ctx, family);
     let port = user_port(ctx);
-    if let Some((to, to_port, counter)) = redirect_target(pod, Transport::Udp, &dst, port) {
-        remember_and_rewrite(
-            ctx,
-            family,
-            OrigDst {
-                addr: dst,
-                port,
-                _pad: 0,
-            },
-            &to,
-            to_port,
-            counter,
-        );
+    if let Some((to, to_port, counter)) = redirect_target(pod, transport, &dst, port) {
+        let orig = OrigDst {
+            addr: dst,
+            port,
+            _pad: 0,
+        };
+        remember_and_rewrite(ctx, family, orig, &to, to_port, counter);
     }
 }
 

@@ -296,6 +296,14 @@ impl AgentFixture {
         Ok(fx)
     }
 
+    /// [`AgentFixture::start`], or `None` where the test must skip (not root, outside CI).
+    pub fn start_if_privileged(testkit: &Path, pods: usize, extra: &[&str]) -> Option<Self> {
+        if !crate::harness::require_root() {
+            return None;
+        }
+        Some(Self::start(testkit, pods, extra).expect("agent fixture"))
+    }
+
     /// Starts an agent without waiting for it.
     pub fn spawn(testkit: &Path, pods: usize, extra: &[&str]) -> Result<Self> {
         crate::harness::ensure_bpffs_mounted()?;

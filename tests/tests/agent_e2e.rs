@@ -19,10 +19,7 @@ const TESTKIT: &str = env!("CARGO_BIN_EXE_sluice-testkit");
 const WAIT: Duration = Duration::from_secs(10);
 
 fn fixture(pods: usize, extra: &[&str]) -> Option<AgentFixture> {
-    if !require_root() {
-        return None;
-    }
-    Some(AgentFixture::start(Path::new(TESTKIT), pods, extra).expect("agent fixture"))
+    AgentFixture::start_if_privileged(Path::new(TESTKIT), pods, extra)
 }
 
 fn uid(i: usize) -> String {

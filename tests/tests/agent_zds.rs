@@ -7,7 +7,6 @@ use std::{collections::BTreeSet, path::Path, time::Duration};
 
 use sluice_tests::{
     agent_proc::{AgentFixture, METRICS_PORT},
-    harness::require_root,
     zds::{Entry, Kind, Policy, Response, TEST_NACK, ZdsClient, ZdsError},
 };
 
@@ -17,10 +16,7 @@ const WAIT: Duration = Duration::from_secs(10);
 const SETTLE: Duration = Duration::from_millis(300);
 
 fn fixture(pods: usize, extra: &[&str]) -> Option<AgentFixture> {
-    if !require_root() {
-        return None;
-    }
-    Some(AgentFixture::start(Path::new(TESTKIT), pods, extra).expect("agent fixture"))
+    AgentFixture::start_if_privileged(Path::new(TESTKIT), pods, extra)
 }
 
 fn uid(i: usize) -> String {
