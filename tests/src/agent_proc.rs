@@ -387,6 +387,32 @@ impl AgentFixture {
         )
     }
 
+    /// Waits until `status` reports ztunnel's `state` for every enrolled pod (or pod `only`).
+    /// ztunnel's ACK reaches the agent a moment after ztunnel sent it, so this polls.
+    pub fn wait_ztunnel_state(
+        &self,
+        state: &str,
+        only: Option<usize>,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.agent.status()?;
+            let pods = status["pods"].as_array().cloned().unwrap_or_default();
+            let wanted: Vec<&Value> = match only {
+                Some(i) => pods.iter().filter(|p| p["uid"] == Self::uid(i)).collect(),
+                None => pods.iter().collect(),
+            };
+            if !wanted.is_empty() && wanted.iter().all(|p| p["ztunnel"]["state"] == state) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("ztunnel state is not {state:?} within {timeout:?}: {wanted:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A raw ZDS connection to the agent (hello not yet sent).
     pub fn zds_conn(&self) -> Result<crate::zds::ZdsConn> {
         Ok(crate::zds::ZdsConn::connect(&self.agent.paths.zds)?)

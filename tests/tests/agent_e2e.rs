@@ -191,10 +191,7 @@ fn sigkill_during_enrollments_loses_and_duplicates_nothing() {
         )
         .unwrap();
     }
-    let status = fx.agent.status().unwrap();
-    for p in status["pods"].as_array().unwrap() {
-        assert_eq!(p["ztunnel"]["state"], "acked", "{p}");
-    }
+    fx.wait_ztunnel_state("acked", None, WAIT).unwrap();
     assert!(peer.violations().is_empty(), "{:?}", peer.violations());
     assert_eq!(stats.failures, 0, "{stats:?}");
     let redirected = peer

@@ -36,21 +36,6 @@ fn enroll(fx: &AgentFixture, i: usize) {
     fx.enroll(i, &["--wait-ms", "0"]).unwrap();
 }
 
-fn pod_state(fx: &AgentFixture, i: usize) -> String {
-    let status = fx.agent.status().unwrap();
-    let pod = status["pods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["uid"] == uid(i))
-        .cloned()
-        .unwrap_or_default();
-    pod["ztunnel"]["state"]
-        .as_str()
-        .unwrap_or("missing")
-        .to_string()
-}
-
 #[test]
 fn snapshot_then_live_adds_and_dels() {
     let Some(fx) = fixture(3, &[]) else { return };
@@ -76,7 +61,7 @@ fn snapshot_then_live_adds_and_dels() {
     client.wait_for(is(Kind::Add, Some(&uid(2))), WAIT).unwrap();
     fx.unenroll(0).unwrap();
     client.wait_for(is(Kind::Del, Some(&uid(0))), WAIT).unwrap();
-    assert_eq!(pod_state(&fx, 1), "acked");
+    fx.wait_ztunnel_state("acked", Some(1), WAIT).unwrap();
 
     let t = client.finish();
     t.check_invariants().unwrap();
@@ -124,7 +109,7 @@ fn nacked_adds_are_retried_until_acked() {
             Some(Response::Ack)
         ]
     );
-    assert_eq!(pod_state(&fx, 0), "acked");
+    fx.wait_ztunnel_state("acked", Some(0), WAIT).unwrap();
 }
 
 /// A ztunnel that goes away mid-snapshot (one request unanswered) and comes back gets the
@@ -268,7 +253,7 @@ fn a_silent_ztunnel_is_dropped_after_the_ack_timeout() {
     let next = connect(&fx, Policy::ack_all());
     next.wait_for(is(Kind::SnapshotSent, None), WAIT).unwrap();
     next.finish().check_invariants().unwrap();
-    assert_eq!(pod_state(&fx, 0), "acked");
+    fx.wait_ztunnel_state("acked", Some(0), WAIT).unwrap();
 }
 
 /// The agent never sends a request before the previous one was answered, even when ztunnel is
