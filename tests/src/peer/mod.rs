@@ -27,7 +27,7 @@ use nix::sched::{CloneFlags, setns};
 
 pub use event::{Accepted, Connected, Event, EventKind, Failed};
 pub use listeners::{DNS_PORT, HBONE_PORT, INBOUND_PORT, ListenerSet, OUTBOUND_PORT};
-pub use workloads::Workloads;
+pub use workloads::{Started, Workloads};
 
 /// A running listener set. Dropping it (or [`Peer::stop`]) closes the listeners;
 /// connections already being relayed carry on until their ends close.

@@ -14,7 +14,8 @@
 //!   request names one)
 //! - `{"event":"zds_violation","index":I,"fatal":B,"error":E,"connection":C}`
 //! - `{"event":"zds_response","kind":K,"uid":U,"error":E,"connection":C}` (E empty: ack)
-//! - `{"event":"workload_started","uid":U,"replaced":B}`,
+//! - `{"event":"workload_started","uid":U,"started":"new"|"kept"|"replaced"}` (kept: a
+//!   repeated Add for the netns already served, whose listeners stay up, as in ztunnel),
 //!   `{"event":"workload_stopped","uid":U,"reason":"del"|"snapshot"}`
 //! - `{"event":"snapshot_done","uids":[...],"stopped":[...],"connection":C}`
 //! - `{"event":"zds_disconnected","reason":R,"connection":C}`
@@ -33,7 +34,7 @@ use serde_json::{Value, json};
 use super::output::Output;
 use super::peer_args::ZdsArgs;
 use super::peer_cmd::wait_for_stdin_eof;
-use crate::peer::{Event, Workloads};
+use crate::peer::{Event, Started, Workloads};
 use crate::zds::proto::workload_request::Payload;
 use crate::zds::{Kind, Received, Response, TEST_NACK, Transcript, Violation, ZdsConn, ZdsError};
 
@@ -232,11 +233,16 @@ impl ZdsPeer {
                 // The transcript check made sure there is exactly one fd.
                 let netns = r.fds.first().ok_or("AddWorkload without a netns fd")?;
                 match self.workloads.start(&add.uid, netns.as_fd()) {
-                    Ok(replaced) => {
+                    Ok(started) => {
+                        let started = match started {
+                            Started::New => "new",
+                            Started::Kept => "kept",
+                            Started::Replaced => "replaced",
+                        };
                         self.emit(json!({
                             "event": "workload_started",
                             "uid": add.uid,
-                            "replaced": replaced,
+                            "started": started,
                         }));
                         Ok(())
                     }
