@@ -1,10 +1,18 @@
-//! The agent's shared state and its operations: the dataplane, the pod table (persisted), and
-//! the ZDS hub that tells ztunnel about pods. Every enroll/unenroll goes through here, one at a
-//! time, in an order that survives a crash at any point (see `state.rs`).
+//! The agent's operations on pods: enroll and unenroll, each one idempotent step that brings
+//! one pod's actual state (dataplane, ztunnel, persisted record) to what was asked.
+//!
+//! Operations on the same pod run one at a time (a lock per pod uid); operations on different
+//! pods run in parallel. The pod table is only ever locked for in-memory reads and writes, never
+//! across a syscall, and every blocking step (namespaces, netlink, bpf, files) runs on tokio's
+//! blocking pool, so status and metrics never wait behind an enrollment.
+//!
+//! Crash safety: a pod's record is written with the phase it is entering *before* the
+//! dataplane changes (see `state.rs`); `recovery.rs` finishes or undoes whatever a crash
+//! interrupted. After the dataplane has enrolled a pod, nothing can fail the operation any
+//! more: it always goes on to tell ztunnel.
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    path::Path,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
@@ -20,8 +28,9 @@ use crate::{
     dataplane::{self, Dataplane, DataplaneConfig, EnrollOptions, MapFill, pod_net},
     metrics::{DataplaneStats, Metrics},
     netns::Netns,
-    state::{Phase, PodRecord, StateError, StateStore},
-    status::{MapFillStatus, PodStatus, Status},
+    pod_locks::PodLocks,
+    recovery,
+    state::{self, Phase, PodRecord, StateError, StateStore},
     zds::{AckResult, AckState, Hub, Workload, proto::WorkloadInfo},
 };
 
@@ -52,11 +61,11 @@ pub enum AgentError {
     #[error("pod {0} is not enrolled")]
     NotEnrolled(String),
     #[error(
-        "network namespace {netns} does not hold any of the pod's IPs {ips:?} (it holds {held:?})"
+        "network namespace {netns} does not hold the pod's IPs {missing:?} (it holds {held:?})"
     )]
     WrongNetns {
         netns: String,
-        ips: Vec<IpAddr>,
+        missing: Vec<IpAddr>,
         held: Vec<IpAddr>,
     },
     #[error("network namespace {netns} is already enrolled for pod {uid}")]
@@ -73,36 +82,63 @@ pub enum AgentError {
     ShuttingDown,
 }
 
-struct Pod {
-    record: PodRecord,
-    netns: Option<Arc<Netns>>,
+/// One pod the agent has taken on.
+pub(crate) struct Pod {
+    pub record: PodRecord,
+    /// Held open while the pod is enrolled, for ztunnel's Add. `None` after a restart when the
+    /// path no longer opens (ztunnel is then told to keep what it has).
+    pub netns: Option<Arc<Netns>>,
+}
+
+impl Pod {
+    pub fn workload(&self) -> Workload {
+        let r = &self.record;
+        Workload {
+            uid: r.uid.clone(),
+            info: WorkloadInfo {
+                name: r.name.clone(),
+                namespace: r.namespace.clone(),
+                service_account: r.service_account.clone(),
+            },
+            netns: self.netns.clone(),
+        }
+    }
+}
+
+/// The in-memory pod table. Locked only for in-memory work.
+#[derive(Default)]
+pub(crate) struct PodTable(Mutex<BTreeMap<String, Pod>>);
+
+impl PodTable {
+    pub fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Pod>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn records(&self) -> Vec<PodRecord> {
+        self.lock().values().map(|p| p.record.clone()).collect()
+    }
 }
 
 pub struct Agent {
-    dp: Arc<Mutex<Dataplane>>,
-    pods: Mutex<BTreeMap<String, Pod>>,
+    /// Called for one dataplane step at a time, on the blocking pool.
+    dp: Mutex<Dataplane>,
+    pub(crate) pods: PodTable,
     store: StateStore,
+    locks: PodLocks,
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
-    /// Serialises enroll and unenroll.
-    ops: tokio::sync::Mutex<()>,
     settings: AgentSettings,
     /// Shared with the health endpoint, which is up before the agent is.
     ready: Arc<AtomicBool>,
     stopping: AtomicBool,
 }
 
-/// Scrape-time view of the dataplane for metrics.
-#[derive(Debug)]
-struct DpStats(Arc<Mutex<Dataplane>>);
-
-impl DataplaneStats for DpStats {
-    fn counters(&self) -> Vec<(BpfCounter, u64)> {
-        lock(&self.0).counters()
-    }
-    fn map_fill(&self) -> Vec<MapFill> {
-        lock(&self.0).map_fill()
-    }
+/// What an enroll step did.
+enum Enrolled {
+    /// Newly enrolled (or re-enrolled in a new netns).
+    New(Workload, u64),
+    /// It already was, in this same netns: the request was a retry.
+    Already(Workload, u64),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -110,45 +146,42 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Agent {
-    /// Loads (or adopts) the dataplane and rebuilds the pod table from the state directory,
-    /// finishing whatever a crashed agent left half done. Blocking.
+    /// Loads (or adopts) the dataplane and rebuilds the pod table from `store`, finishing
+    /// whatever a crashed agent left half done. Blocking.
     pub fn start(
         dp_config: &DataplaneConfig,
-        state_dir: &Path,
+        store: StateStore,
         settings: AgentSettings,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         ready: Arc<AtomicBool>,
     ) -> Result<Arc<Self>, AgentError> {
-        let store = StateStore::open(state_dir)?;
         let records = store.load()?;
         let mut dp = Dataplane::load(dp_config)?;
-        let pods = restore(&mut dp, records);
+        let pods = recovery::restore(&mut dp, &store, records);
         let agent = Arc::new(Agent {
-            dp: Arc::new(Mutex::new(dp)),
-            pods: Mutex::new(BTreeMap::new()),
+            dp: Mutex::new(dp),
+            pods: PodTable::default(),
             store,
+            locks: PodLocks::default(),
             hub,
             metrics,
-            ops: tokio::sync::Mutex::new(()),
             settings,
             ready,
             stopping: AtomicBool::new(false),
         });
         agent
             .metrics
-            .attach_dataplane(Arc::new(DpStats(Arc::clone(&agent.dp))));
-        {
-            let mut table = lock(&agent.pods);
-            for pod in pods {
-                // Nothing is connected yet: this only seeds the hub's snapshot.
-                drop(agent.hub.add(workload_of(&pod)));
-                table.insert(pod.record.uid.clone(), pod);
-            }
-            agent.save(&table)?;
-            agent.metrics.enrolled_pods.set(table.len() as i64);
-            info!(pods = table.len(), "pod table restored");
+            .attach_dataplane(Arc::new(DpStats(Arc::downgrade(&agent))));
+        let mut table = agent.pods.lock();
+        for pod in pods {
+            // Nothing is connected yet: this only seeds the hub's snapshot.
+            drop(agent.hub.add(pod.workload()));
+            table.insert(pod.record.uid.clone(), pod);
         }
+        agent.metrics.enrolled_pods.set(table.len() as i64);
+        info!(pods = table.len(), "pod table restored");
+        drop(table);
         Ok(agent)
     }
 
@@ -166,23 +199,23 @@ impl Agent {
         self.ready.store(false, Ordering::SeqCst);
     }
 
+    pub(crate) fn dp(&self) -> MutexGuard<'_, Dataplane> {
+        lock(&self.dp)
+    }
+
     /// Readers of the eBPF programs' logs (see `Dataplane::take_loggers`).
     pub fn take_ebpf_loggers(&self) -> Vec<aya_log::EbpfLogger<&'static dyn log::Log>> {
-        lock(&self.dp).take_loggers()
+        self.dp().take_loggers()
     }
 
     /// This node's own addresses, exempt from inbound redirection (kubelet probes).
     pub fn set_host_addrs(&self, addrs: &[IpAddr]) -> Result<(), AgentError> {
-        Ok(lock(&self.dp).set_host_addrs(addrs)?)
-    }
-
-    fn save(&self, table: &BTreeMap<String, Pod>) -> Result<(), StateError> {
-        let records: Vec<PodRecord> = table.values().map(|p| p.record.clone()).collect();
-        self.store.save(&records)
+        Ok(self.dp().set_host_addrs(addrs)?)
     }
 
     /// Enrolls a pod: dataplane first, then ztunnel, waiting up to `wait_ms` for its ACK.
-    /// Retrying a request that already succeeded is harmless.
+    /// Retrying a request that already succeeded is harmless, and makes sure ztunnel has the
+    /// pod.
     pub async fn enroll(self: &Arc<Self>, req: EnrollRequest) -> Result<EnrollReply, AgentError> {
         validate(&req)?;
         if self.stopping.load(Ordering::SeqCst) {
@@ -192,32 +225,37 @@ impl Agent {
             .wait_ms
             .map(Duration::from_millis)
             .unwrap_or(self.settings.ack_wait);
-        let _serial = self.ops.lock().await;
+        let uid = req.uid.clone();
+        let guard = self.locks.lock(&uid).await;
         let started = Instant::now();
         let this = Arc::clone(self);
-        let (reply, workload) = tokio::task::spawn_blocking(move || this.enroll_blocking(req))
-            .await
-            .map_err(|e| AgentError::Io(std::io::Error::other(e)))??;
-        self.metrics
-            .enroll_duration
-            .observe(started.elapsed().as_secs_f64());
-        let Some(workload) = workload else {
-            return Ok(reply);
+        let step = blocking(move || this.enroll_step(req)).await?;
+        let elapsed = started.elapsed();
+        let (workload, cookie, already) = match step {
+            Enrolled::New(w, cookie) => {
+                self.metrics.enroll_duration.observe(elapsed.as_secs_f64());
+                (w, cookie, false)
+            }
+            Enrolled::Already(w, cookie) => (w, cookie, true),
         };
-        let answer = self.hub.add(workload);
-        drop(_serial);
+        // Queued while the pod's lock is held, so a later unenroll's Del goes out after it.
+        let answer = self.hub.ensure(workload);
+        drop(guard);
         let ztunnel = match tokio::time::timeout(wait, answer).await {
             Ok(Ok(AckResult::Acked)) => AckState::Acked,
             Ok(Ok(AckResult::Nacked(e))) => AckState::Nacked(e),
             _ => AckState::Pending,
         };
-        Ok(EnrollReply { ztunnel, ..reply })
+        Ok(EnrollReply {
+            uid,
+            netns_cookie: cookie,
+            ztunnel,
+            already_enrolled: already,
+            enroll_us: (!already).then_some(elapsed.as_micros() as u64),
+        })
     }
 
-    fn enroll_blocking(
-        &self,
-        req: EnrollRequest,
-    ) -> Result<(EnrollReply, Option<Workload>), AgentError> {
+    fn enroll_step(&self, req: EnrollRequest) -> Result<Enrolled, AgentError> {
         let ns = Netns::open(&req.netns)?;
         let ips: Vec<IpAddr> = req
             .ips
@@ -225,49 +263,25 @@ impl Agent {
             .copied()
             .filter(|ip| self.settings.ipv6 || ip.is_ipv4())
             .collect();
+        // Every address given must be the pod's: they become exempt destinations and the
+        // redirect targets, so a wrong one would send the pod's traffic elsewhere.
         let held = ns.run(pod_net::addresses)??;
-        if !ips.iter().any(|ip| held.contains(ip)) {
+        let missing: Vec<IpAddr> = req
+            .ips
+            .iter()
+            .copied()
+            .filter(|ip| !held.contains(ip))
+            .collect();
+        if !missing.is_empty() {
             return Err(AgentError::WrongNetns {
                 netns: req.netns.display().to_string(),
-                ips: req.ips.clone(),
+                missing,
                 held,
             });
         }
         let cookie = ns.cookie()?;
-        let mut table = lock(&self.pods);
-        if let Some(existing) = table.get(&req.uid) {
-            if existing.record.netns_cookie == cookie {
-                let ztunnel = self
-                    .hub
-                    .states()
-                    .remove(&req.uid)
-                    .unwrap_or(AckState::Pending);
-                let reply = EnrollReply {
-                    uid: req.uid.clone(),
-                    netns_cookie: cookie,
-                    ztunnel,
-                    already_enrolled: true,
-                };
-                return Ok((reply, None));
-            }
-            // Same pod, new sandbox netns: the old one goes first.
-            info!(uid = %req.uid, "pod has a new network namespace; replacing the old enrollment");
-            self.unenroll_locked(&mut table, &req.uid)?;
-        }
-        if let Some(other) = table.values().find(|p| p.record.netns_cookie == cookie) {
-            return Err(AgentError::NetnsTaken {
-                netns: req.netns.display().to_string(),
-                uid: other.record.uid.clone(),
-            });
-        }
-        let mut dp = lock(&self.dp);
-        if dp.is_enrolled(cookie) {
-            // Enrolled by an agent that crashed before recording it: start clean.
-            warn!(uid = %req.uid, cookie, "adopting an unrecorded enrollment");
-            dp.unenroll(&ns)?;
-        }
-        let dns_capture = req.dns_capture.unwrap_or(self.settings.dns_capture);
-        let mut record = PodRecord {
+        let ns = Arc::new(ns);
+        let record = PodRecord {
             uid: req.uid.clone(),
             name: req.name.clone(),
             namespace: req.namespace.clone(),
@@ -276,98 +290,160 @@ impl Agent {
             netns_inode: ns.inode(),
             netns_cookie: cookie,
             ips: ips.clone(),
-            dns_capture,
+            dns_capture: req.dns_capture.unwrap_or(self.settings.dns_capture),
             bypass_inbound: req.bypass_inbound,
             ipv6: self.settings.ipv6,
             phase: Phase::Enrolling,
         };
-        let ns = Arc::new(ns);
-        table.insert(
-            req.uid.clone(),
-            Pod {
-                record: record.clone(),
-                netns: Some(Arc::clone(&ns)),
-            },
-        );
+
+        // Find the pod already enrolled (a retried request), or one to replace.
+        let replaced = {
+            let table = self.pods.lock();
+            match table.get(&req.uid) {
+                Some(p) if p.record.netns_cookie == cookie && p.record.phase == Phase::Enrolled => {
+                    return Ok(Enrolled::Already(p.workload(), cookie));
+                }
+                Some(_) => true,
+                None => false,
+            }
+        };
+        if replaced {
+            // Same pod, new sandbox netns (or an unenrollment that failed half-way): the old
+            // enrollment goes first.
+            info!(uid = %req.uid, "replacing the pod's previous enrollment");
+            self.unenroll_step(&req.uid)?;
+        }
+        // Reserve the pod and its netns in the table.
+        {
+            let mut table = self.pods.lock();
+            if let Some(other) = table.values().find(|p| p.record.netns_cookie == cookie) {
+                return Err(AgentError::NetnsTaken {
+                    netns: req.netns.display().to_string(),
+                    uid: other.record.uid.clone(),
+                });
+            }
+            table.insert(
+                req.uid.clone(),
+                Pod {
+                    record: record.clone(),
+                    netns: Some(Arc::clone(&ns)),
+                },
+            );
+        }
+        let forget = |this: &Self| {
+            this.pods.lock().remove(&req.uid);
+        };
+
+        crate::failpoints::pause_enroll(&req.uid);
         // The intent is on disk before the dataplane changes, or nothing changes.
-        if let Err(e) = self.save(&table) {
-            table.remove(&req.uid);
+        if let Err(e) = self.store.put(&record) {
+            forget(self);
+            self.metrics.error("state");
             return Err(e.into());
         }
         let opts = EnrollOptions {
-            dns_capture,
-            bypass_inbound: req.bypass_inbound,
-            ipv6: self.settings.ipv6,
+            dns_capture: record.dns_capture,
+            bypass_inbound: record.bypass_inbound,
+            ipv6: record.ipv6,
         };
-        if let Err(e) = dp.enroll(&ns, &ips, opts) {
-            table.remove(&req.uid);
-            self.save(&table)?;
+        let result = {
+            let mut dp = self.dp();
+            if dp.is_enrolled(cookie) {
+                // Enrolled by an agent that crashed before recording it: start clean.
+                warn!(uid = %req.uid, cookie, "adopting an unrecorded enrollment");
+                if let Err(e) = dp.unenroll(&ns) {
+                    warn!(uid = %req.uid, error = %e, "clearing an unrecorded enrollment");
+                }
+            }
+            dp.enroll(&ns, &ips, opts)
+        };
+        if let Err(e) = result {
+            forget(self);
+            // If this fails, the record says `enrolling` and the dataplane does not have the
+            // pod: a restart drops it.
+            if let Err(se) = self.store.remove(&req.uid) {
+                warn!(uid = %req.uid, error = %se, "removing the record of a failed enrollment");
+            }
             self.metrics.error("enroll");
             return Err(e.into());
         }
-        record.phase = Phase::Enrolled;
-        let pod = Pod {
-            record,
-            netns: Some(ns),
+
+        // From here on the operation completes: ztunnel must be told. The record's phase is
+        // only informative now (a restart treats `enrolling` with the dataplane entry present
+        // as enrolled), so failing to write it is a warning, not a failure.
+        let mut enrolled = record;
+        enrolled.phase = Phase::Enrolled;
+        if let Err(e) = self.store.put(&enrolled) {
+            self.metrics.error("state");
+            warn!(uid = %req.uid, error = %e, "recording the enrollment (it stands; a restart keeps it)");
+        }
+        let workload = {
+            let mut table = self.pods.lock();
+            let pod = Pod {
+                record: enrolled,
+                netns: Some(ns),
+            };
+            let workload = pod.workload();
+            table.insert(req.uid.clone(), pod);
+            self.metrics.enrolled_pods.set(table.len() as i64);
+            workload
         };
-        let workload = workload_of(&pod);
-        table.insert(req.uid.clone(), pod);
-        self.save(&table)?;
-        self.metrics.enrolled_pods.set(table.len() as i64);
-        let reply = EnrollReply {
-            uid: req.uid,
-            netns_cookie: cookie,
-            ztunnel: AckState::Pending,
-            already_enrolled: false,
-        };
-        Ok((reply, Some(workload)))
+        Ok(Enrolled::New(workload, cookie))
     }
 
     /// Un-enrolls a pod: redirection first (its traffic goes direct), then ztunnel lets go.
     pub async fn unenroll(self: &Arc<Self>, uid: String) -> Result<(), AgentError> {
-        let _serial = self.ops.lock().await;
+        let _guard = self.locks.lock(&uid).await;
         let this = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            let mut table = lock(&this.pods);
-            this.unenroll_locked(&mut table, &uid)
-        })
-        .await
-        .map_err(|e| AgentError::Io(std::io::Error::other(e)))?
+        blocking(move || this.unenroll_step(&uid)).await
     }
 
-    fn unenroll_locked(
-        &self,
-        table: &mut BTreeMap<String, Pod>,
-        uid: &str,
-    ) -> Result<(), AgentError> {
-        let pod = table
-            .get_mut(uid)
-            .ok_or_else(|| AgentError::NotEnrolled(uid.to_string()))?;
-        pod.record.phase = Phase::Unenrolling;
-        let record = pod.record.clone();
-        let netns = pod
-            .netns
-            .clone()
-            .or_else(|| open_verified(&record).map(Arc::new));
-        self.save(table)?;
-        {
-            let mut dp = lock(&self.dp);
+    fn unenroll_step(&self, uid: &str) -> Result<(), AgentError> {
+        let mut record = {
+            let table = self.pods.lock();
+            let pod = table
+                .get(uid)
+                .ok_or_else(|| AgentError::NotEnrolled(uid.to_string()))?;
+            pod.record.clone()
+        };
+        let netns = self
+            .pods
+            .lock()
+            .get(uid)
+            .and_then(|p| p.netns.clone())
+            .or_else(|| recovery::open_verified(&record).map(Arc::new));
+        record.phase = Phase::Unenrolling;
+        self.store.put(&record)?;
+        if let Some(p) = self.pods.lock().get_mut(uid) {
+            p.record.phase = Phase::Unenrolling;
+        }
+        let result = {
+            let mut dp = self.dp();
             match &netns {
                 Some(ns) => match dp.unenroll(ns) {
-                    Ok(()) | Err(dataplane::Error::NotEnrolled(_)) => {}
-                    Err(e) => {
-                        self.metrics.error("unenroll");
-                        return Err(e.into());
-                    }
+                    Ok(()) | Err(dataplane::Error::NotEnrolled(_)) => Ok(()),
+                    Err(e) => Err(e),
                 },
                 // The netns is gone, and its interfaces and rules with it.
-                None => dp.forget(record.netns_cookie)?,
+                None => dp.forget(record.netns_cookie),
             }
+        };
+        if let Err(e) = result {
+            self.metrics.error("unenroll");
+            // The record stays `unenrolling`: a retry, or a restart, finishes the job.
+            return Err(e.into());
         }
         self.hub.remove(uid);
-        table.remove(uid);
-        self.save(table)?;
-        self.metrics.enrolled_pods.set(table.len() as i64);
+        let left = {
+            let mut table = self.pods.lock();
+            table.remove(uid);
+            table.len()
+        };
+        self.metrics.enrolled_pods.set(left as i64);
+        if let Err(e) = self.store.remove(uid) {
+            // A restart finds `unenrolling` with no dataplane entry, and drops the record.
+            warn!(uid, error = %e, "removing the record of an unenrolled pod");
+        }
         info!(uid, "pod unenrolled");
         Ok(())
     }
@@ -375,76 +451,83 @@ impl Agent {
     /// Unenrolls pods whose netns path no longer names their namespace: the pod is gone (its
     /// sandbox was torn down) and nobody told us. Returns the uids let go.
     pub async fn collect_vanished(self: &Arc<Self>) -> Vec<String> {
-        let _serial = self.ops.lock().await;
-        let this = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            let mut table = lock(&this.pods);
-            let gone: Vec<String> = table
-                .values()
-                .filter(|p| !names_its_netns(&p.record))
-                .map(|p| p.record.uid.clone())
-                .collect();
-            for uid in &gone {
-                info!(uid, "the pod's network namespace is gone; unenrolling");
-                if let Err(e) = this.unenroll_locked(&mut table, uid) {
-                    warn!(uid, error = %e, "unenrolling a vanished pod");
-                }
-            }
-            gone
+        let records = self.pods.records();
+        let gone: Vec<String> = blocking(move || {
+            Ok::<_, AgentError>(
+                records
+                    .iter()
+                    .filter(|r| !recovery::names_its_netns(r))
+                    .map(|r| r.uid.clone())
+                    .collect(),
+            )
         })
         .await
-        .unwrap_or_default()
-    }
-
-    pub fn status(&self) -> Status {
-        let states = self.hub.states();
-        let pods = lock(&self.pods)
-            .values()
-            .map(|p| {
-                let r = &p.record;
-                PodStatus {
-                    uid: r.uid.clone(),
-                    name: r.name.clone(),
-                    namespace: r.namespace.clone(),
-                    netns: r.netns.display().to_string(),
-                    netns_cookie: r.netns_cookie,
-                    ips: r.ips.clone(),
-                    dns_capture: r.dns_capture,
-                    bypass_inbound: r.bypass_inbound,
-                    ipv6: r.ipv6,
-                    ztunnel: states.get(&r.uid).cloned().unwrap_or(AckState::Pending),
+        .unwrap_or_default();
+        let mut let_go = Vec::new();
+        for uid in gone {
+            let _guard = self.locks.lock(&uid).await;
+            // Re-check under the pod's lock: it may have been re-enrolled meanwhile.
+            let Some(record) = self.pods.lock().get(&uid).map(|p| p.record.clone()) else {
+                continue;
+            };
+            let this = Arc::clone(self);
+            let id = uid.clone();
+            let res = blocking(move || {
+                if recovery::names_its_netns(&record) {
+                    return Ok(false);
                 }
+                info!(uid = %id, "the pod's network namespace is gone; unenrolling");
+                this.unenroll_step(&id).map(|()| true)
             })
-            .collect();
-        let dp = lock(&self.dp);
-        Status {
-            ready: self.is_ready(),
-            object_id: dp.object_id().to_string(),
-            ztunnel_connections: self.hub.connections(),
-            pods,
-            links: dp.links(),
-            maps: dp
-                .map_fill()
-                .into_iter()
-                .map(|m| MapFillStatus {
-                    name: m.name.to_string(),
-                    used: m.used,
-                    capacity: m.capacity,
-                })
-                .collect(),
-            counters: dp
-                .counters()
-                .into_iter()
-                .map(|(c, v)| (c.name().to_string(), v))
-                .collect(),
+            .await;
+            match res {
+                Ok(true) => let_go.push(uid),
+                Ok(false) => {}
+                Err(e) => warn!(uid, error = %e, "unenrolling a vanished pod"),
+            }
         }
+        let_go
+    }
+}
+
+/// Runs a blocking step on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Io(std::io::Error::other(e)))?
+}
+
+/// Scrape-time view of the dataplane for metrics. Weak: metrics must not keep the agent alive.
+#[derive(Debug)]
+struct DpStats(std::sync::Weak<Agent>);
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Agent")
+    }
+}
+
+impl DataplaneStats for DpStats {
+    fn counters(&self) -> Vec<(BpfCounter, u64)> {
+        self.0
+            .upgrade()
+            .map(|a| a.dp().counters())
+            .unwrap_or_default()
+    }
+    fn map_fill(&self) -> Vec<MapFill> {
+        self.0
+            .upgrade()
+            .map(|a| a.dp().map_fill())
+            .unwrap_or_default()
     }
 }
 
 fn validate(req: &EnrollRequest) -> Result<(), AgentError> {
     let bad = |m: &str| Err(AgentError::Invalid(m.to_string()));
-    if req.uid.is_empty() {
-        return bad("uid is empty");
+    if !state::valid_uid(&req.uid) {
+        return bad("uid must be 1-253 characters of A-Z a-z 0-9 - _ . (not starting with .)");
     }
     if req.name.is_empty() || req.namespace.is_empty() {
         return bad("pod name and namespace are required");
@@ -473,112 +556,4 @@ fn validate(req: &EnrollRequest) -> Result<(), AgentError> {
         )));
     }
     Ok(())
-}
-
-fn workload_of(pod: &Pod) -> Workload {
-    let r = &pod.record;
-    Workload {
-        uid: r.uid.clone(),
-        info: WorkloadInfo {
-            name: r.name.clone(),
-            namespace: r.namespace.clone(),
-            service_account: r.service_account.clone(),
-        },
-        netns: pod.netns.clone(),
-    }
-}
-
-/// Whether the record's netns path still names the namespace that was enrolled.
-fn names_its_netns(record: &PodRecord) -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(&record.netns)
-        .map(|m| m.ino() == record.netns_inode)
-        .unwrap_or(false)
-}
-
-/// Opens the record's netns if its path still names the same namespace.
-fn open_verified(record: &PodRecord) -> Option<Netns> {
-    Netns::open(&record.netns)
-        .ok()
-        .filter(|ns| ns.inode() == record.netns_inode)
-}
-
-/// Rebuilds the pod table from saved records against what the dataplane has pinned, finishing
-/// interrupted operations. Pods whose netns is gone are dropped (and forgotten by the
-/// dataplane); pods whose netns merely cannot be opened are kept (ztunnel gets a Keep).
-fn restore(dp: &mut Dataplane, records: Vec<PodRecord>) -> Vec<Pod> {
-    let mut kept = Vec::new();
-    for mut record in records {
-        let netns = open_verified(&record);
-        let cookie = record.netns_cookie;
-        match record.phase {
-            Phase::Unenrolling => {
-                let res = match &netns {
-                    Some(ns) => dp.unenroll(ns).or_else(|e| {
-                        if matches!(e, dataplane::Error::NotEnrolled(_)) {
-                            Ok(())
-                        } else {
-                            Err(e)
-                        }
-                    }),
-                    None => dp.forget(cookie),
-                };
-                match res {
-                    Ok(()) => info!(uid = %record.uid, "finished an interrupted unenrollment"),
-                    Err(e) => {
-                        warn!(uid = %record.uid, error = %e, "could not finish an interrupted unenrollment")
-                    }
-                }
-                continue;
-            }
-            Phase::Enrolling if !dp.is_enrolled(cookie) => {
-                info!(uid = %record.uid, "dropping an enrollment interrupted before the dataplane had it");
-                continue;
-            }
-            Phase::Enrolling | Phase::Enrolled => {}
-        }
-        record.phase = Phase::Enrolled;
-        if !dp.is_enrolled(cookie) {
-            // The dataplane lost it (bpffs was wiped): enroll again if the pod is still there.
-            let Some(ns) = &netns else {
-                info!(uid = %record.uid, "dropping a pod whose netns is gone");
-                continue;
-            };
-            let opts = EnrollOptions {
-                dns_capture: record.dns_capture,
-                bypass_inbound: record.bypass_inbound,
-                ipv6: record.ipv6,
-            };
-            match dp.enroll(ns, &record.ips, opts) {
-                Ok(c) => record.netns_cookie = c,
-                Err(e) => {
-                    warn!(uid = %record.uid, error = %e, "could not re-enroll a pod the dataplane lost");
-                    continue;
-                }
-            }
-        } else if netns.is_none() && dp.netns_alive(cookie) == Some(false) {
-            info!(uid = %record.uid, "dropping a pod whose netns is gone");
-            let _ = dp.forget(cookie);
-            continue;
-        }
-        kept.push(Pod {
-            record,
-            netns: netns.map(Arc::new),
-        });
-    }
-    let known: Vec<u64> = kept.iter().map(|p| p.record.netns_cookie).collect();
-    for (cookie, _) in dp.enrolled() {
-        if known.contains(&cookie) {
-            continue;
-        }
-        if dp.netns_alive(cookie) == Some(false) {
-            let _ = dp.forget(cookie);
-        } else {
-            warn!(
-                cookie,
-                "an enrolled netns has no pod record; it stays redirected until uninstall"
-            );
-        }
-    }
-    kept
 }

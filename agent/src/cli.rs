@@ -50,7 +50,17 @@ pub enum Command {
     },
     /// Remove everything the agent put on this node (pins, links, pod rules, sockets, state).
     /// Stops a running agent first.
-    Uninstall(NodeArgs),
+    Uninstall(UninstallArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Go ahead even if the state is unreadable (corrupt or truncated): pod namespaces are
+    /// then found by scanning /var/run/netns and /proc instead of from the pod records.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Where the agent keeps its things on the node.
@@ -103,6 +113,9 @@ pub struct RunArgs {
     /// Seconds to wait for ztunnel's answer to one request before dropping the connection.
     #[arg(long, env = "SLUICE_ZDS_ACK_TIMEOUT", default_value_t = 10)]
     pub zds_ack_timeout: u64,
+    /// Backoff for re-sending an Add that ztunnel refused: first and longest delay in ms.
+    #[arg(long, env = "SLUICE_ZDS_RETRY_MS", value_parser = parse_retry, default_value = "200,30000")]
+    pub zds_retry_ms: (u64, u64),
     /// Milliseconds an enroll request waits for ztunnel's ACK by default.
     #[arg(long, env = "SLUICE_ENROLL_WAIT_MS", default_value_t = 5000)]
     pub enroll_wait_ms: u64,
@@ -141,4 +154,30 @@ pub struct EnrollArgs {
     /// Milliseconds to wait for ztunnel's ACK.
     #[arg(long)]
     pub wait_ms: Option<u64>,
+}
+
+/// `FIRST,MAX` in milliseconds (or just `FIRST`, for a constant backoff).
+fn parse_retry(s: &str) -> Result<(u64, u64), String> {
+    let num = |v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map_err(|e| format!("{v:?}: {e}"))
+            .and_then(|n| {
+                if n == 0 {
+                    Err("must be > 0".into())
+                } else {
+                    Ok(n)
+                }
+            })
+    };
+    match s.split_once(',') {
+        Some((first, max)) => {
+            let (first, max) = (num(first)?, num(max)?);
+            if max < first {
+                return Err("MAX must be at least FIRST".into());
+            }
+            Ok((first, max))
+        }
+        None => num(s).map(|n| (n, n)),
+    }
 }

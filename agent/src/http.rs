@@ -58,9 +58,13 @@ pub async fn serve_metrics(
 }
 
 async fn render(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    // A scrape reads eBPF maps and counters (syscalls): off the async workers.
+    let body = tokio::task::spawn_blocking(move || metrics.encode())
+        .await
+        .unwrap_or_default();
     (
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-        metrics.encode(),
+        body,
     )
 }
 

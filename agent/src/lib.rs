@@ -2,6 +2,7 @@
 //!
 //! - [`dataplane`]: the eBPF programs, pins, and per-pod enrollment;
 //! - [`agent`]: the pod table and its operations; [`state`]: its persistence;
+//!   [`recovery`]: finishing what a crash interrupted; [`pod_locks`]: one operation per pod;
 //! - [`zds`]: the ZDS server ztunnel connects to; [`control`]: the control socket;
 //! - [`http`], [`metrics`], [`status`]: health, Prometheus metrics, inspection;
 //! - [`cli`], [`run`], [`uninstall`], [`logging`]: the `sluice-agent` command.
@@ -9,10 +10,14 @@ pub mod agent;
 pub mod cli;
 pub mod control;
 pub mod dataplane;
+pub mod failpoints;
 pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod netns;
+pub mod pod_locks;
+pub mod preflight;
+pub mod recovery;
 pub mod run;
 pub mod shutdown;
 pub mod state;

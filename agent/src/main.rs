@@ -11,6 +11,9 @@ use sluice_agent::{
 };
 
 fn main() -> ExitCode {
+    // Test builds only: faults named in FAILPOINTS (see the `failpoints` feature).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     logging::init(&cli.log_level, cli.log_format);
     match dispatch(cli) {

@@ -14,6 +14,8 @@ use crate::{
     dataplane::DataplaneConfig,
     http,
     metrics::Metrics,
+    preflight,
+    state::StateStore,
     zds::{self, ConnConfig, Hub, RetryPolicy},
 };
 
@@ -26,12 +28,30 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
         "sluice agent starting"
     );
     let metrics = Arc::new(Metrics::new());
-    let hub = Hub::new(RetryPolicy::default());
+    let hub = Hub::new(RetryPolicy {
+        first: Duration::from_millis(args.zds_retry_ms.0),
+        max: Duration::from_millis(args.zds_retry_ms.1),
+    });
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
 
-    // Health and metrics first: /readyz answers "not ready" while the state is restored.
+    let cgroup = match &args.node.cgroup {
+        Some(c) => c.clone(),
+        None => dataplane::cgroup2_root().context("finding the cgroup2 mount")?,
+    };
+    // Everything the agent needs, checked before anything is touched.
+    preflight::check(&args.node.pin_root, &cgroup)?;
+
+    // One agent per node: during a rolling update the new agent waits here for the old one to
+    // exit, before it binds the node's health and metrics ports (a hostNetwork pod that bound
+    // first would crash-loop on "address in use").
+    let state_dir = args.node.state_dir.clone();
+    let store = tokio::task::spawn_blocking(move || StateStore::open(&state_dir))
+        .await?
+        .context("opening the state directory")?;
+
+    // Health and metrics next: /readyz answers "not ready" while the state is restored.
     let health = http::bind(args.health_addr)
         .await
         .with_context(|| format!("binding {}", args.health_addr))?;
@@ -50,10 +70,6 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
         stop_rx.clone(),
     ));
 
-    let cgroup = match &args.node.cgroup {
-        Some(c) => c.clone(),
-        None => dataplane::cgroup2_root().context("finding the cgroup2 mount")?,
-    };
     let dp_config = DataplaneConfig {
         pin_root: args.node.pin_root.clone(),
         cgroup,
@@ -65,13 +81,16 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
         ipv6: args.ipv6,
         ack_wait: Duration::from_millis(args.enroll_wait_ms),
     };
-    let state_dir = args.node.state_dir.clone();
     let (h, m, r) = (Arc::clone(&hub), Arc::clone(&metrics), Arc::clone(&ready));
-    let agent = tokio::task::spawn_blocking(move || {
-        Agent::start(&dp_config, &state_dir, settings, h, m, r)
-    })
-    .await?
-    .context("starting the agent")?;
+    let agent =
+        tokio::task::spawn_blocking(move || Agent::start(&dp_config, store, settings, h, m, r))
+            .await?
+            .context("starting the agent")?;
+    let kept = preflight::drop_capabilities().context("dropping capabilities")?;
+    info!(
+        capabilities = preflight::cap_names(&kept),
+        "dropped every capability not needed from now on"
+    );
     refresh_host_addrs(&agent).await;
     for logger in agent.take_ebpf_loggers() {
         tasks.spawn(forward_ebpf_logs(logger, stop_rx.clone()));

@@ -1,9 +1,15 @@
 //! The agent's persisted pod table: what a restarted agent rebuilds its state from.
 //!
-//! One JSON file, replaced atomically (write, fsync, rename, fsync the directory) after every
-//! change. Each record carries a phase written *before* the dataplane is touched, so a crash
-//! in the middle of an enrollment or unenrollment is finished or undone on restart instead of
-//! leaving a pod half-known.
+//! One small JSON file per pod (`pods/<uid>.json`), replaced atomically (write a temporary
+//! file, rename it over the old one), so an operation on one pod costs the same with 1 or 1,000
+//! pods enrolled and a torn write can only ever leave a stray temporary file. Each record
+//! carries a phase written *before* the dataplane is touched, so a crash in the middle of an
+//! enrollment or unenrollment is finished or undone on restart instead of leaving a pod
+//! half-known.
+//!
+//! Files are not fsynced: the state must survive the agent process (a crash, SIGKILL, an
+//! upgrade), and the page cache does; it does not need to survive the machine, because a
+//! reboot takes every pod network namespace with it (and the default directory is on tmpfs).
 use std::{
     io::{self, Write as _},
     net::IpAddr,
@@ -13,8 +19,13 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-const FILE: &str = "pods.json";
-const FORMAT_VERSION: u32 = 1;
+/// Format of the pod files; a file with another version is refused, not guessed at.
+const FORMAT_VERSION: u32 = 2;
+const PODS_DIR: &str = "pods";
+/// The single-file table written by agents before format 2; migrated on first start.
+const LEGACY_FILE: &str = "pods.json";
+/// A record is tiny; anything bigger is not one of ours.
+const MAX_RECORD: u64 = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -50,19 +61,54 @@ fn yes() -> bool {
 }
 
 #[derive(Serialize, Deserialize)]
-struct File {
+struct RecordFile {
+    version: u32,
+    pod: PodRecord,
+}
+
+#[derive(Deserialize)]
+struct LegacyFile {
     version: u32,
     pods: Vec<PodRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("state file {path}: {source}")]
+    #[error("state {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error(
-        "state file {path} is unreadable ({reason}); refusing to start with an empty pod table, which would make ztunnel drop every pod. Inspect or remove it."
+        "state file {path} is unreadable ({reason}); the agent will not start with pods missing from its table, because ztunnel would stop serving them. Recover with `sluice-agent uninstall --force` (removes all redirection from this node cleanly; pods are enrolled again by the CNI plugin or Kubernetes when the agent starts), or restore the file"
     )]
     Corrupt { path: PathBuf, reason: String },
+}
+
+/// Decodes one pod file. Pure, so it can be fuzzed: every rejected input is an `Err`.
+pub fn decode_record(bytes: &[u8]) -> Result<PodRecord, String> {
+    let file: RecordFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if file.version != FORMAT_VERSION {
+        return Err(format!("unknown format version {}", file.version));
+    }
+    Ok(file.pod)
+}
+
+/// Encodes one pod file.
+pub fn encode_record(pod: &PodRecord) -> Vec<u8> {
+    let file = RecordFile {
+        version: FORMAT_VERSION,
+        pod: pod.clone(),
+    };
+    // Plain data with string keys: serialising cannot fail.
+    serde_json::to_vec_pretty(&file).unwrap_or_default()
+}
+
+/// Whether `uid` can name a pod file (and so be enrolled): Kubernetes UIDs, container ids.
+pub fn valid_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= 253
+        && !uid.starts_with('.')
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 #[derive(Debug, Clone)]
@@ -74,13 +120,13 @@ pub struct StateStore {
 }
 
 impl StateStore {
-    /// Uses `dir` (created, root-only, if missing).
+    /// Uses `dir` (created, root-only, if missing), waiting for any other agent that holds it.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
         let io_err = |source| StateError::Io {
             path: dir.to_path_buf(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(io_err)?;
+        std::fs::create_dir_all(dir.join(PODS_DIR)).map_err(io_err)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err)?;
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -105,77 +151,169 @@ impl StateStore {
         })
     }
 
-    pub fn path(&self) -> PathBuf {
-        self.dir.join(FILE)
-    }
-
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// The saved records; none if nothing was ever saved.
-    pub fn load(&self) -> Result<Vec<PodRecord>, StateError> {
-        let path = self.path();
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
-            Err(source) => return Err(StateError::Io { path, source }),
-        };
-        let file: File = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        if file.version != FORMAT_VERSION {
-            return Err(StateError::Corrupt {
-                path,
-                reason: format!("unknown format version {}", file.version),
-            });
-        }
-        Ok(file.pods)
+    fn pods_dir(&self) -> PathBuf {
+        self.dir.join(PODS_DIR)
     }
 
-    pub fn save(&self, pods: &[PodRecord]) -> Result<(), StateError> {
-        let path = self.path();
-        let tmp = self.dir.join(format!("{FILE}.tmp"));
+    /// The file holding `uid`'s record.
+    pub fn record_path(&self, uid: &str) -> PathBuf {
+        self.pods_dir().join(format!("{uid}.json"))
+    }
+
+    /// Every saved record, migrating a legacy single-file table first. Any unreadable file is
+    /// an error (never silently an empty or shorter table).
+    pub fn load(&self) -> Result<Vec<PodRecord>, StateError> {
+        self.migrate_legacy()?;
+        let dir = self.pods_dir();
+        let io_err = |source| StateError::Io {
+            path: dir.clone(),
+            source,
+        };
+        let mut records = Vec::new();
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(io_err)?
+            .collect::<Result<_, _>>()
+            .map_err(io_err)?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".tmp") {
+                // A write that never got renamed: the record it would have replaced is intact.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            let Some(uid) = name.strip_suffix(".json") else {
+                continue;
+            };
+            let record = read_record(&path)?;
+            if record.uid != uid {
+                return Err(StateError::Corrupt {
+                    path,
+                    reason: format!("it holds pod {:?}", record.uid),
+                });
+            }
+            records.push(record);
+        }
+        Ok(records)
+    }
+
+    /// Writes `pod`'s record (atomically replacing any earlier one).
+    pub fn put(&self, pod: &PodRecord) -> Result<(), StateError> {
+        let path = self.record_path(&pod.uid);
+        let tmp = path.with_extension("json.tmp");
         let io_err = |source| StateError::Io {
             path: path.clone(),
             source,
         };
-        let body = serde_json::to_vec_pretty(&File {
-            version: FORMAT_VERSION,
-            pods: pods.to_vec(),
-        })
-        .map_err(|e| io_err(io::Error::other(e)))?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err)?;
-        f.write_all(&body).map_err(io_err)?;
-        f.sync_all().map_err(io_err)?;
-        std::fs::rename(&tmp, &path).map_err(io_err)?;
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err)?;
-        Ok(())
+        if let Some(phase) = crate::failpoints::arg("state-put")
+            && (phase == "any" || phase == format!("{:?}", pod.phase).to_lowercase())
+        {
+            return Err(io_err(io::Error::other("failpoint state-put")));
+        }
+        write_atomically(&tmp, &path, &encode_record(pod)).map_err(io_err)
     }
 
-    /// Removes the state file and directory (uninstall).
-    pub fn remove(&self) -> io::Result<()> {
+    /// Forgets `uid`'s record; forgetting one that is not there is fine.
+    pub fn remove(&self, uid: &str) -> Result<(), StateError> {
+        let path = self.record_path(uid);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(StateError::Io { path, source: e })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes the whole state directory (uninstall).
+    pub fn remove_all(&self) -> io::Result<()> {
         match std::fs::remove_dir_all(&self.dir) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,
         }
     }
+
+    /// An agent before format 2 kept every pod in one `pods.json`: split it into pod files,
+    /// then remove it. A crash half-way is harmless (the legacy file goes last, and wins).
+    fn migrate_legacy(&self) -> Result<(), StateError> {
+        let path = self.dir.join(LEGACY_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        let corrupt = |reason: String| StateError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        let legacy: LegacyFile =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if legacy.version != 1 {
+            return Err(corrupt(format!(
+                "unknown format version {}",
+                legacy.version
+            )));
+        }
+        for pod in &legacy.pods {
+            if !valid_uid(&pod.uid) {
+                return Err(corrupt(format!("invalid pod uid {:?}", pod.uid)));
+            }
+            self.put(pod)?;
+        }
+        std::fs::remove_file(&path).map_err(|source| StateError::Io { path, source })?;
+        tracing::info!(
+            pods = legacy.pods.len(),
+            "migrated the pod table to one file per pod"
+        );
+        Ok(())
+    }
+}
+
+fn read_record(path: &Path) -> Result<PodRecord, StateError> {
+    let corrupt = |reason: String| StateError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.len() > MAX_RECORD {
+        return Err(corrupt(format!("{} bytes is too large", meta.len())));
+    }
+    let bytes = std::fs::read(path).map_err(|source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let record = decode_record(&bytes).map_err(corrupt)?;
+    if !valid_uid(&record.uid) {
+        return Err(corrupt(format!("invalid pod uid {:?}", record.uid)));
+    }
+    Ok(record)
+}
+
+fn write_atomically(tmp: &Path, path: &Path, body: &[u8]) -> io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(tmp)?;
+    f.write_all(body)?;
+    drop(f);
+    std::fs::rename(tmp, path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn record(uid: &str) -> PodRecord {
+    pub(crate) fn record(uid: &str) -> PodRecord {
         PodRecord {
             uid: uid.into(),
             name: "n".into(),
@@ -203,20 +341,76 @@ mod tests {
         let dir = tempdir();
         let store = StateStore::open(&dir).unwrap();
         assert!(store.load().unwrap().is_empty());
-        store.save(&[record("a"), record("b")]).unwrap();
-        assert_eq!(store.load().unwrap(), vec![record("a"), record("b")]);
-        store.remove().unwrap();
+        store.put(&record("a")).unwrap();
+        store.put(&record("b")).unwrap();
+        let mut b = record("b");
+        b.phase = Phase::Unenrolling;
+        store.put(&b).unwrap();
+        assert_eq!(store.load().unwrap(), vec![record("a"), b]);
+        store.remove("a").unwrap();
+        store.remove("a").unwrap();
+        assert_eq!(store.load().unwrap().len(), 1);
+        store.remove_all().unwrap();
         assert!(!dir.exists());
     }
 
     #[test]
-    fn a_corrupt_file_is_an_error_not_an_empty_table() {
+    fn a_corrupt_or_truncated_file_is_an_error_naming_it_and_the_way_out() {
         let dir = tempdir();
         let store = StateStore::open(&dir).unwrap();
-        std::fs::write(store.path(), b"{not json").unwrap();
+        store.put(&record("a")).unwrap();
+        let path = store.record_path("a");
+        let full = std::fs::read(&path).unwrap();
+        for bad in [
+            &full[..full.len() / 2],
+            b"{not json".as_slice(),
+            br#"{"version":99,"pod":{}}"#.as_slice(),
+            b"".as_slice(),
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let err = store.load().unwrap_err();
+            assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+            assert!(msg.contains("sluice-agent uninstall --force"), "{msg}");
+        }
+        // A record under another pod's name is corrupt too.
+        std::fs::write(store.record_path("b"), encode_record(&record("a"))).unwrap();
+        std::fs::write(&path, &full).unwrap();
         assert!(matches!(store.load(), Err(StateError::Corrupt { .. })));
-        std::fs::write(store.path(), br#"{"version":99,"pods":[]}"#).unwrap();
-        assert!(matches!(store.load(), Err(StateError::Corrupt { .. })));
-        store.remove().unwrap();
+        store.remove_all().unwrap();
+    }
+
+    #[test]
+    fn a_leftover_temporary_file_is_ignored() {
+        let dir = tempdir();
+        let store = StateStore::open(&dir).unwrap();
+        store.put(&record("a")).unwrap();
+        std::fs::write(store.record_path("a").with_extension("json.tmp"), b"{trunc").unwrap();
+        assert_eq!(store.load().unwrap(), vec![record("a")]);
+        store.remove_all().unwrap();
+    }
+
+    #[test]
+    fn a_legacy_table_is_migrated_once() {
+        let dir = tempdir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let legacy = serde_json::json!({"version": 1, "pods": [record("a"), record("b")]});
+        std::fs::write(dir.join(LEGACY_FILE), legacy.to_string()).unwrap();
+        let store = StateStore::open(&dir).unwrap();
+        assert_eq!(store.load().unwrap(), vec![record("a"), record("b")]);
+        assert!(!dir.join(LEGACY_FILE).exists());
+        assert_eq!(store.load().unwrap().len(), 2);
+        store.remove_all().unwrap();
+    }
+
+    #[test]
+    fn uids_that_cannot_name_a_file_are_refused() {
+        for ok in ["0b6c1f0e-7d1a-4e4b-9b1d-2f3c4d5e6f70", "pod_1.a", "x"] {
+            assert!(valid_uid(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "../x", "a/b", "a b", "é", &"x".repeat(254)] {
+            assert!(!valid_uid(bad), "{bad:?}");
+        }
     }
 }

@@ -1,9 +1,61 @@
-//! What `sluice-agent status` reports, and its table rendering.
+//! What `sluice-agent status` reports: collected from the pod table, ztunnel's answers and
+//! the dataplane, and rendered as tables.
 use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{dataplane::LinkStatus, zds::AckState};
+use crate::{agent::Agent, dataplane::LinkStatus, zds::AckState};
+
+/// Gathers the status. Blocking (it asks the kernel about links, maps and counters): call it on
+/// the blocking pool. Takes no pod's operation lock, so it never waits for an enrollment.
+pub fn collect(agent: &Agent) -> Status {
+    let states = agent.hub.states();
+    let pods = agent
+        .pods
+        .records()
+        .into_iter()
+        .map(|r| PodStatus {
+            ztunnel: states.get(&r.uid).cloned().unwrap_or(AckState::Pending),
+            uid: r.uid,
+            name: r.name,
+            namespace: r.namespace,
+            netns: r.netns.display().to_string(),
+            netns_cookie: r.netns_cookie,
+            ips: r.ips,
+            dns_capture: r.dns_capture,
+            bypass_inbound: r.bypass_inbound,
+            ipv6: r.ipv6,
+        })
+        .collect();
+    let (object_id, links, maps, counters) = {
+        let dp = agent.dp();
+        (
+            dp.object_id().to_string(),
+            dp.links(),
+            dp.map_fill(),
+            dp.counters(),
+        )
+    };
+    Status {
+        ready: agent.is_ready(),
+        object_id,
+        ztunnel_connections: agent.hub.connections(),
+        pods,
+        links,
+        maps: maps
+            .into_iter()
+            .map(|m| MapFillStatus {
+                name: m.name.to_string(),
+                used: m.used,
+                capacity: m.capacity,
+            })
+            .collect(),
+        counters: counters
+            .into_iter()
+            .map(|(c, v)| (c.name().to_string(), v))
+            .collect(),
+    }
+}
 
 /// One pod as `status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]

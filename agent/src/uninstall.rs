@@ -1,47 +1,126 @@
 //! `sluice-agent uninstall`: stop a running agent, then remove every pin, link, pod rule,
 //! socket and state file the agent created, leaving the node as it found it.
-use std::{path::Path, time::Duration};
+//!
+//! With `--force` it also works when the pod records cannot be read (the recovery the agent
+//! names when it refuses to start on a corrupt state): each enrolled namespace is then found
+//! by its netns cookie among /var/run/netns and /proc.
+use std::{
+    collections::{BTreeMap, HashSet},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context as _;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
-    cli::NodeArgs,
+    cli::UninstallArgs,
     control::{api::Request, client},
     dataplane::{self, Dataplane, DataplaneConfig},
     netns::Netns,
-    state::StateStore,
+    state::{PodRecord, StateStore},
 };
 
-pub fn uninstall(args: &NodeArgs, control_socket: &Path) -> anyhow::Result<()> {
+pub fn uninstall(args: &UninstallArgs, control_socket: &Path) -> anyhow::Result<()> {
+    let node = &args.node;
     stop_running_agent(control_socket)?;
-    let store = StateStore::open(&args.state_dir).context("opening the state directory")?;
-    let records = store.load()?;
-    let cgroup = match &args.cgroup {
+    let store = StateStore::open(&node.state_dir).context("opening the state directory")?;
+    let records = match store.load() {
+        Ok(r) => Some(r),
+        Err(e) if args.force => {
+            warn!(error = %e, "the pod records are unreadable; finding pod namespaces by scanning");
+            None
+        }
+        Err(e) => {
+            return Err(anyhow::anyhow!(
+                "{e} (`sluice-agent uninstall --force` removes everything without the records)"
+            ));
+        }
+    };
+    let cgroup = match &node.cgroup {
         Some(c) => c.clone(),
         None => dataplane::cgroup2_root()?,
     };
     let dp = Dataplane::load(&DataplaneConfig {
-        pin_root: args.pin_root.clone(),
+        pin_root: node.pin_root.clone(),
         cgroup,
         accelerate: false,
         ebpf_debug_log: false,
     })?;
-    dp.uninstall(|cookie| {
-        let r = records.iter().find(|r| r.netns_cookie == cookie)?;
-        Netns::open(&r.netns)
-            .ok()
-            .filter(|ns| ns.inode() == r.netns_inode)
-    })?;
-    for socket in [&args.zds_socket, &control_socket.to_path_buf()] {
+    let finder = match records {
+        Some(records) => Finder::Records(records),
+        None => Finder::Scan(scan_namespaces()),
+    };
+    dp.uninstall(|cookie| finder.find(cookie))?;
+    for socket in [&node.zds_socket, &control_socket.to_path_buf()] {
         match std::fs::remove_file(socket) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
             _ => {}
         }
     }
-    store.remove()?;
+    store.remove_all()?;
     info!("uninstalled: no pins, links, pod rules, sockets or state left");
     Ok(())
+}
+
+/// How to open the namespace of an enrolled netns cookie.
+enum Finder {
+    Records(Vec<PodRecord>),
+    /// Every network namespace on the node, by cookie.
+    Scan(BTreeMap<u64, PathBuf>),
+}
+
+impl Finder {
+    fn find(&self, cookie: u64) -> Option<Netns> {
+        match self {
+            Finder::Records(records) => {
+                let r = records.iter().find(|r| r.netns_cookie == cookie)?;
+                Netns::open(&r.netns)
+                    .ok()
+                    .filter(|ns| ns.inode() == r.netns_inode)
+            }
+            Finder::Scan(found) => Netns::open(found.get(&cookie)?).ok(),
+        }
+    }
+}
+
+/// The network namespaces reachable from bind mounts and processes, by cookie (each distinct
+/// namespace entered once).
+fn scan_namespaces() -> BTreeMap<u64, PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    for dir in ["/var/run/netns", "/run/netns"] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            candidates.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        candidates.extend(
+            entries
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                })
+                .map(|e| e.path().join("ns/net")),
+        );
+    }
+    let mut seen = HashSet::new();
+    let mut found = BTreeMap::new();
+    for path in candidates {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        if let Some(cookie) = Netns::open(&path).ok().and_then(|ns| ns.cookie().ok()) {
+            found.insert(cookie, path);
+        }
+    }
+    found
 }
 
 /// Asks a running agent to stop and waits until its control socket is gone.

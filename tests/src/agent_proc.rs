@@ -92,6 +92,8 @@ pub struct AgentProc {
     pub paths: AgentPaths,
     netns: PathBuf,
     extra: Vec<String>,
+    /// Extra environment for the next start (e.g. `FAILPOINTS`).
+    env: Vec<(String, String)>,
 }
 
 impl AgentProc {
@@ -102,6 +104,7 @@ impl AgentProc {
             paths,
             netns: netns.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
         };
         agent.start()?;
         Ok(agent)
@@ -112,10 +115,29 @@ impl AgentProc {
             .create(true)
             .append(true)
             .open(&self.paths.log)?;
+        let mut cmd = self.command(&[], &[])?;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", agent_bin().display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// `[wrapper...] sluice-agent run <paths> <flags> <extra>` in the agent's netns.
+    fn command(&self, extra: &[&str], wrapper: &[&str]) -> Result<Command> {
         let netns = std::fs::File::open(&self.netns)
             .with_context(|| format!("opening {}", self.netns.display()))?;
-        let netns_fd = netns.as_raw_fd();
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent_bin());
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
         cmd.arg("--control-socket")
             .arg(&self.paths.control)
             .arg("run")
@@ -127,24 +149,71 @@ impl AgentProc {
                 "127.0.0.1",
             ])
             .args(&self.extra)
+            .args(extra)
             .env("SLUICE_LOG_LEVEL", "debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        // The fd is opened before fork and moved into the closure, so it outlives the exec.
+        let netns_fd = netns.as_raw_fd();
         // SAFETY: setns is async-signal-safe; the fd was opened before fork.
         unsafe {
             cmd.pre_exec(move || {
+                let _keep = &netns;
                 if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", agent_bin().display()))?;
-        self.child = Some(child);
-        Ok(())
+        Ok(cmd)
+    }
+
+    /// Sets an environment variable for the agent's next (re)start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
+    /// Runs `sluice-agent run` (with `extra` flags, under `wrapper` if given) in the agent's
+    /// netns until it exits, for startups that must fail.
+    pub fn run_to_exit(&self, extra: &[&str], wrapper: &[&str]) -> Result<Output> {
+        Ok(self
+            .command(extra, wrapper)?
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    /// An agent on the same node with other paths, not started (see [`AgentProc::run_to_exit`]).
+    pub fn sibling(&self, paths: AgentPaths) -> AgentProc {
+        AgentProc {
+            child: None,
+            paths,
+            netns: self.netns.clone(),
+            extra: self.extra.clone(),
+            env: self.env.clone(),
+        }
+    }
+
+    /// A second agent process on the same node with the same paths (a rolling update's new
+    /// pod), logging to `log`. Not waited for.
+    pub fn spawn_twin(&self, log: &Path) -> Result<AgentProc> {
+        let mut paths = self.paths.clone();
+        paths.log = log.to_path_buf();
+        let mut twin = AgentProc {
+            child: None,
+            paths,
+            netns: self.netns.clone(),
+            extra: self.extra.clone(),
+            env: self.env.clone(),
+        };
+        twin.start()?;
+        Ok(twin)
+    }
+
+    /// Whether the process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Waits until `/readyz` answers 200 (or the process dies).
@@ -253,8 +322,14 @@ impl AgentProc {
 
     /// `sluice-agent uninstall` with this agent's paths (stopping it if it runs).
     pub fn uninstall(&mut self) -> Result<()> {
+        self.uninstall_with(&[])
+    }
+
+    /// `sluice-agent uninstall <extra>` (e.g. `--force`) with this agent's paths.
+    pub fn uninstall_with(&mut self, extra: &[&str]) -> Result<()> {
         let mut args = vec!["uninstall".to_string()];
         args.extend(self.paths.node_args());
+        args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = self.cli(&args)?;
         if let Some(mut child) = self.child.take() {

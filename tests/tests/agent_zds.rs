@@ -112,6 +112,41 @@ fn nacked_adds_are_retried_until_acked() {
     fx.wait_ztunnel_state("acked", Some(0), WAIT).unwrap();
 }
 
+/// A ztunnel that refuses a pod on every connection, across reconnects: each NACK and each
+/// snapshot must not start another retry loop. With a constant 50 ms backoff, one loop sends at
+/// most ~20 Adds a second; one loop per reconnect would send several times that.
+#[test]
+fn a_pod_nacked_across_reconnects_is_retried_on_one_schedule() {
+    let Some(fx) = fixture(1, &["--zds-retry-ms", "50"]) else {
+        return;
+    };
+    let policy = || Policy::ack_all().nack_uid(uid(0), 1_000_000);
+    let mut client = connect(&fx, policy());
+    client.wait_for(is(Kind::SnapshotSent, None), WAIT).unwrap();
+    enroll(&fx, 0);
+    client.wait_for(is(Kind::Add, Some(&uid(0))), WAIT).unwrap();
+    for _ in 0..4 {
+        client.finish().check_invariants().unwrap();
+        client = connect(&fx, policy());
+        client.wait_for(is(Kind::Add, Some(&uid(0))), WAIT).unwrap();
+        client.wait_for(is(Kind::SnapshotSent, None), WAIT).unwrap();
+    }
+    let window = Duration::from_secs(1);
+    let start = std::time::Instant::now();
+    let mut adds = 0;
+    while let Some(left) = window.checked_sub(start.elapsed()) {
+        match client.next_entry(left) {
+            Some(e) if e.kind == Kind::Add => adds += 1,
+            Some(_) => {}
+            None => break,
+        }
+    }
+    // A loaded machine only makes retries later, never more frequent: this bound holds.
+    assert!((1..=22).contains(&adds), "{adds} Adds in {window:?}");
+    let t = client.finish();
+    t.check_invariants().unwrap();
+}
+
 /// A ztunnel that goes away mid-snapshot (one request unanswered) and comes back gets the
 /// whole snapshot again, on the new connection only.
 #[test]

@@ -42,7 +42,12 @@ fn steps(extra: &[String]) -> Result<()> {
     cmd::run(cmd::cargo().args(["fmt", "--all", "--check"]))?;
     // No `--workspace` here or below: the default members are every crate except the eBPF
     // one, which only builds for the bpf target (the agent's build.rs builds and embeds it).
-    cmd::run(cmd::cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    cmd::run(
+        cmd::cargo()
+            .args(["clippy", "--all-targets"])
+            .args(TEST_FEATURES)
+            .args(["--", "-D", "warnings"]),
+    )?;
     // The eBPF crate gets its own clippy run, on the toolchain and target it is built with.
     cmd::run(cmd::cargo().args([
         "+nightly",
@@ -61,14 +66,21 @@ fn steps(extra: &[String]) -> Result<()> {
 
     // The agent tests run the real `sluice-agent` binary, which `cargo test` does not build
     // for another package's integration tests.
-    cmd::run(cmd::cargo().args(["build", "--bins"]))?;
+    cmd::run(cmd::cargo().args(["build", "--bins"]).args(TEST_FEATURES))?;
     let mut test = cmd::cargo();
-    test.arg("test").env("RUST_BACKTRACE", "1");
+    test.arg("test")
+        .args(TEST_FEATURES)
+        .env("RUST_BACKTRACE", "1");
     if !extra.is_empty() {
         test.arg("--").args(extra);
     }
     cmd::run(&mut test)
 }
+
+/// The agent under test carries fault injection (`FAILPOINTS`), which the crash-window tests
+/// use; every step builds with the same features so nothing (the eBPF object included) is
+/// built twice.
+const TEST_FEATURES: &[&str] = &["--features", "sluice-agent/failpoints"];
 
 fn is_ci() -> bool {
     env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")

@@ -47,6 +47,10 @@ pub struct EnrollReply {
     pub ztunnel: AckState,
     /// The pod was already enrolled (the request was a retry).
     pub already_enrolled: bool,
+    /// Time the agent spent putting redirection in place (namespace checks, state, dataplane),
+    /// not counting the wait for ztunnel; absent when the pod was already enrolled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enroll_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -115,7 +115,13 @@ async fn handle(req: Request, agent: &Arc<Agent>, stop: &watch::Sender<bool>) ->
             Ok(()) => Response::ok(()),
             Err(e) => Response::err(e.to_string()),
         },
-        Request::Status => Response::ok(agent.status()),
+        Request::Status => {
+            let agent = Arc::clone(agent);
+            match tokio::task::spawn_blocking(move || crate::status::collect(&agent)).await {
+                Ok(status) => Response::ok(status),
+                Err(e) => Response::err(format!("collecting the status: {e}")),
+            }
+        }
         Request::Shutdown => {
             let _ = stop.send(true);
             Response::ok(())

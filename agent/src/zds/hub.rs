@@ -46,6 +46,30 @@ struct Entry {
     state: AckState,
     /// NACKs in a row, for the retry backoff.
     nacks: u32,
+    /// Bumped whenever an Add for this workload is queued (live, snapshot or retry): a
+    /// scheduled retry carries the generation it was made for and is dropped if another Add
+    /// went out since. So there is at most one pending retry per workload, and a snapshot
+    /// supersedes it.
+    generation: u64,
+    retry_pending: bool,
+}
+
+impl Entry {
+    fn new(workload: Workload) -> Self {
+        Entry {
+            workload,
+            state: AckState::Pending,
+            nacks: 0,
+            generation: 0,
+            retry_pending: false,
+        }
+    }
+
+    /// Another Add is on its way: any scheduled retry is now stale.
+    fn supersede(&mut self) {
+        self.generation += 1;
+        self.retry_pending = false;
+    }
 }
 
 #[derive(Default)]
@@ -102,16 +126,35 @@ impl Hub {
         let (done, rx) = oneshot::channel();
         let mut st = self.lock();
         let uid = workload.uid.clone();
-        st.workloads.insert(
-            uid,
-            Entry {
-                workload: workload.clone(),
-                state: AckState::Pending,
-                nacks: 0,
-            },
-        );
+        let entry = st
+            .workloads
+            .entry(uid)
+            .or_insert_with(|| Entry::new(workload.clone()));
+        entry.workload = workload.clone();
+        entry.state = AckState::Pending;
+        entry.nacks = 0;
+        entry.supersede();
         send_add(&mut st, workload, done);
         rx
+    }
+
+    /// Makes sure ztunnel is told about `workload`: resolves at once if ztunnel already
+    /// acknowledged this very workload, else (re)sends the Add. Idempotent, for retried
+    /// requests.
+    pub fn ensure(&self, workload: Workload) -> oneshot::Receiver<AckResult> {
+        {
+            let st = self.lock();
+            if let Some(e) = st.workloads.get(&workload.uid)
+                && e.state == AckState::Acked
+                && e.workload.info == workload.info
+                && same_netns(&e.workload, &workload)
+            {
+                let (done, rx) = oneshot::channel();
+                let _ = done.send(AckResult::Acked);
+                return rx;
+            }
+        }
+        self.add(workload)
     }
 
     /// A workload ztunnel must drop: Del to every connection.
@@ -137,6 +180,7 @@ impl Hub {
         st.next_id += 1;
         for entry in st.workloads.values_mut() {
             entry.state = AckState::Pending;
+            entry.supersede();
             let job = Job {
                 kind: JobKind::Add {
                     workload: entry.workload.clone(),
@@ -188,27 +232,34 @@ impl Hub {
             AckResult::Nacked(err) => {
                 entry.state = AckState::Nacked(err.clone());
                 entry.nacks += 1;
+                if entry.retry_pending {
+                    return;
+                }
+                entry.retry_pending = true;
+                let generation = entry.generation;
                 let delay = self.retry.delay(entry.nacks);
                 debug!(uid, ?delay, "ztunnel refused the workload; retrying");
                 let hub = Arc::clone(self);
                 let uid = uid.to_string();
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    hub.retry(&uid);
+                    hub.retry(&uid, generation);
                 });
             }
             AckResult::NotSent(_) => {}
         }
     }
 
-    fn retry(&self, uid: &str) {
+    fn retry(&self, uid: &str, generation: u64) {
         let mut st = self.lock();
-        let Some(entry) = st.workloads.get(uid) else {
+        let Some(entry) = st.workloads.get_mut(uid) else {
             return;
         };
-        if !matches!(entry.state, AckState::Nacked(_)) {
+        if entry.generation != generation || !matches!(entry.state, AckState::Nacked(_)) {
             return;
         }
+        entry.generation += 1;
+        entry.retry_pending = false;
         let workload = entry.workload.clone();
         let (done, _) = oneshot::channel();
         send_add(&mut st, workload, done);
@@ -225,6 +276,14 @@ impl Hub {
 
     pub fn connections(&self) -> usize {
         self.lock().conns.len()
+    }
+}
+
+fn same_netns(a: &Workload, b: &Workload) -> bool {
+    match (&a.netns, &b.netns) {
+        (Some(x), Some(y)) => x.inode() == y.inode(),
+        (None, None) => true,
+        _ => false,
     }
 }
 
@@ -328,6 +387,45 @@ mod tests {
         drop(hub.add(workload("a")));
         assert_eq!(kinds(&mut rx1), ["sent", "add:a"]);
         assert_eq!(hub.connections(), 1);
+    }
+
+    /// A ztunnel that NACKs a pod on every connection: the live Add and each reconnect's
+    /// snapshot Add are refused. However many NACKs came before, there is one retry schedule
+    /// for the pod, and each snapshot replaces it.
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_nacked_across_reconnects_has_one_pending_retry() {
+        let hub = Hub::new(RetryPolicy {
+            first: Duration::from_millis(100),
+            max: Duration::from_millis(100),
+        });
+        let nack = AckResult::Nacked("no".into());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut id = hub.register(tx);
+        drop(hub.add(workload("a")));
+        assert_eq!(kinds(&mut rx), ["sent", "add:a"]);
+        hub.on_add_result(id, "a", &nack);
+        for _ in 0..4 {
+            // Half-way to the retry, ztunnel reconnects and refuses the snapshot Add too.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let (tx, rx2) = mpsc::unbounded_channel();
+            let new = hub.register(tx);
+            hub.unregister(id);
+            (id, rx) = (new, rx2);
+            assert_eq!(kinds(&mut rx), ["snap:a", "sent"]);
+            hub.on_add_result(id, "a", &nack);
+        }
+        // Over one second every retry is refused; with a constant 100 ms backoff that is ten
+        // retries, whatever happened before (not one more loop per reconnect).
+        let mut adds = 0;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            for k in kinds(&mut rx) {
+                assert_eq!(k, "add:a");
+                adds += 1;
+                hub.on_add_result(id, "a", &nack);
+            }
+        }
+        assert!((9..=10).contains(&adds), "{adds} retries in 1 s");
     }
 
     #[test]
