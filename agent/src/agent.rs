@@ -198,9 +198,12 @@ impl Agent {
         let (reply, workload) = tokio::task::spawn_blocking(move || this.enroll_blocking(req))
             .await
             .map_err(|e| AgentError::Io(std::io::Error::other(e)))??;
-        self.metrics
-            .enroll_duration
-            .observe(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
+        self.metrics.enroll_duration.observe(elapsed.as_secs_f64());
+        let reply = EnrollReply {
+            enroll_us: Some(elapsed.as_micros() as u64),
+            ..reply
+        };
         let Some(workload) = workload else {
             return Ok(reply);
         };
@@ -247,6 +250,7 @@ impl Agent {
                     netns_cookie: cookie,
                     ztunnel,
                     already_enrolled: true,
+                    enroll_us: None,
                 };
                 return Ok((reply, None));
             }
@@ -319,6 +323,7 @@ impl Agent {
             netns_cookie: cookie,
             ztunnel: AckState::Pending,
             already_enrolled: false,
+            enroll_us: None,
         };
         Ok((reply, Some(workload)))
     }

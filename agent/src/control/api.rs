@@ -47,6 +47,10 @@ pub struct EnrollReply {
     pub ztunnel: AckState,
     /// The pod was already enrolled (the request was a retry).
     pub already_enrolled: bool,
+    /// Microseconds the agent spent enrolling (dataplane and state, not waiting for ztunnel):
+    /// the per-request value behind the `sluice_enroll_duration_seconds` histogram.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enroll_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
