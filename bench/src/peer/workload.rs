@@ -175,9 +175,10 @@ async fn dns_loop(sock: UdpSocket, ctx: Arc<Ctx>) {
             continue;
         };
         dns::mark_response(&mut buf[..n]);
-        match sock.send_to(&buf[..n], from).await {
-            Ok(_) => ctx.stats.dns(),
-            Err(_) => ctx.stats.error(),
+        // Counted before it goes out: whoever got the answer may already be asking the count.
+        ctx.stats.dns();
+        if sock.send_to(&buf[..n], from).await.is_err() {
+            ctx.stats.error();
         }
     }
 }

@@ -106,6 +106,9 @@ fn cases(fig: &Figure) -> Vec<&str> {
 }
 
 fn headline_value(fig: &Figure, row: &Row) -> String {
+    if row.count == 0 {
+        return format!("all failed: {}", errors(row));
+    }
     match (fig.headline_rate, row.rate_per_s) {
         (true, Some(rate)) => format!("{} /s", num(rate)),
         _ => format!("{} {}", num(row.p50), unit(fig, row)),
@@ -134,7 +137,7 @@ fn errors(row: &Row) -> String {
 
 fn figure(md: &mut String, fig: &Figure) {
     let better = match (fig.headline_rate, fig.higher_is_better) {
-        (true, _) => "the rate: higher is better",
+        (true, _) => "per connection; the rate: higher is better",
         (false, true) => "higher is better",
         (false, false) => "lower is better",
     };
@@ -144,21 +147,32 @@ fn figure(md: &mut String, fig: &Figure) {
         fig.id, fig.title, fig.unit
     );
     let rate = fig.headline_rate;
+    // Ratio columns only where there is something to compare against.
+    let ratios = fig
+        .rows
+        .iter()
+        .any(|r| r.setup == "floor" || r.setup == "iptables");
     let _ = writeln!(
         md,
-        "| setup | case | p50 | p99 | count | errors |{} × floor | × iptables |",
-        if rate { " rate |" } else { "" }
+        "| setup | case | p50 | p99 | count | errors |{}{}",
+        if rate { " rate |" } else { "" },
+        if ratios {
+            " × floor | × iptables |"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         md,
-        "|---|---|---:|---:|---:|---|{}---:|---:|",
-        if rate { "---:|" } else { "" }
+        "|---|---|---:|---:|---:|---|{}{}",
+        if rate { "---:|" } else { "" },
+        if ratios { "---:|---:|" } else { "" }
     );
     for row in &fig.rows {
         let u = unit(fig, row);
         let _ = writeln!(
             md,
-            "| {} | {} | {} {u} | {} {u} | {} | {} |{} {} | {} |",
+            "| {} | {} | {} {u} | {} {u} | {} | {} |{}{}",
             row.setup,
             row.case,
             num(row.p50),
@@ -170,8 +184,15 @@ fn figure(md: &mut String, fig: &Figure) {
                 _ if rate => " – |".into(),
                 _ => String::new(),
             },
-            ratio(fig.ratio(row, "floor")),
-            ratio(fig.ratio(row, "iptables")),
+            if ratios {
+                format!(
+                    " {} | {} |",
+                    ratio(fig.ratio(row, "floor")),
+                    ratio(fig.ratio(row, "iptables"))
+                )
+            } else {
+                String::new()
+            },
         );
     }
     md.push('\n');
