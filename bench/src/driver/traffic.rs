@@ -305,12 +305,7 @@ pub fn run(env: &Env, plan: &Plan) -> Result<Vec<Figure>> {
         plan.connects
     ));
 
-    let mut fig2 = Figure::new(
-        2,
-        "churn",
-        "Churn, client closes first",
-        "µs per connection",
-    );
+    let mut fig2 = Figure::new(2, "churn", "Churn, client closes first", "µs");
     fig2.headline_rate = true;
     fig2.higher_is_better = true;
     fig2.rows = churn.rows(true);

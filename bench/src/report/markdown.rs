@@ -82,7 +82,7 @@ fn headline(md: &mut String, r: &Results) {
 
 fn best<'a>(fig: &Figure, rows: &[&'a Row]) -> Option<&'a str> {
     rows.iter()
-        .filter(|r| r.setup != "floor" && r.count > 0)
+        .filter(|r| r.setup != "floor" && !r.setup.contains("overhead") && r.count > 0)
         .filter_map(|r| fig.headline(r).map(|v| (r.setup.as_str(), v)))
         .reduce(|a, b| {
             let b_better = if fig.higher_is_better {
