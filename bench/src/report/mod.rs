@@ -25,9 +25,8 @@ pub fn write(dir: &Path, results: &Results) -> Result<()> {
 /// Three significant digits or so, no exponent.
 pub fn num(v: f64) -> String {
     let a = v.abs();
-    if v.fract() == 0.0 && a < 1e12 {
-        format!("{v:.0}")
-    } else if a >= 100.0 {
+    // Whole numbers (counts) and large ones print without decimals.
+    if (v.fract() == 0.0 && a < 1e12) || a >= 100.0 {
         format!("{v:.0}")
     } else if a >= 10.0 {
         format!("{v:.1}")
