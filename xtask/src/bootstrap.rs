@@ -14,8 +14,10 @@ const LINKER_PACKAGES: &[&str] = &[
     "zlib1g-dev",
 ];
 
-/// Debian packages the integration tests use. Extend here when tests need more tools.
-pub const TEST_PACKAGES: &[&str] = &["iproute2", "iptables", "bpftool", "procps"];
+/// Debian packages the integration tests and the bench use. Extend here when they need more
+/// tools. (The bench applies upstream's rules with `iptables-nft-restore` and removes its node
+/// table with `nft`.)
+pub const TEST_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables", "bpftool", "procps"];
 
 pub fn run() -> Result<()> {
     apt_packages()?;

@@ -1,4 +1,5 @@
 //! Developer and CI entry point: `cargo xtask <command>` (aliased in `.cargo/config.toml`).
+mod bench;
 mod bootstrap;
 mod cmd;
 mod demo;
@@ -30,6 +31,15 @@ enum Command {
     },
     /// Bootstrap, build, then run the demo.
     Demo,
+    /// Bootstrap, release build, then run every benchmark setup and write the results.
+    Bench {
+        /// Far fewer samples and pods: a smoke check that every setup works (< 2 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Where results.md, results.json and the SVG plots go (default: bench/).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +66,10 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Test { args } => test::run(&args),
         Command::Demo => demo::run(),
+        Command::Bench { quick, out } => bench::run(
+            quick,
+            &out.unwrap_or_else(|| workspace_root().join("bench")),
+        ),
     }
 }
 

@@ -74,7 +74,20 @@ fn steps(extra: &[String]) -> Result<()> {
     if !extra.is_empty() {
         test.arg("--").args(extra);
     }
-    cmd::run(&mut test)
+    cmd::run(&mut test)?;
+    if root {
+        bench_smoke()?;
+    }
+    Ok(())
+}
+
+/// `sluice-bench run --quick` on the debug build `cargo build --bins` just made: every setup
+/// runs and its numbers are sane (never a speed threshold). Results go to a scratch directory.
+fn bench_smoke() -> Result<()> {
+    let out = env::temp_dir().join(format!("sluice-bench-smoke-{}", std::process::id()));
+    let result = crate::bench::smoke(&crate::target_dir().join("debug"), &out);
+    let _ = fs::remove_dir_all(&out);
+    result
 }
 
 /// The agent under test carries fault injection (`FAILPOINTS`), which the crash-window tests

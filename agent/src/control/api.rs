@@ -47,8 +47,8 @@ pub struct EnrollReply {
     pub ztunnel: AckState,
     /// The pod was already enrolled (the request was a retry).
     pub already_enrolled: bool,
-    /// Time the agent spent putting redirection in place (namespace checks, state, dataplane),
-    /// not counting the wait for ztunnel; absent when the pod was already enrolled.
+    /// Microseconds the agent spent enrolling (dataplane and state, not waiting for ztunnel):
+    /// the per-request value behind the `sluice_enroll_duration_seconds` histogram.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enroll_us: Option<u64>,
 }
