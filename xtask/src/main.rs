@@ -2,6 +2,7 @@
 mod bootstrap;
 mod cmd;
 mod demo;
+mod kube_apiserver;
 mod test;
 
 use std::{env, path::PathBuf, process::ExitCode};
@@ -30,6 +31,9 @@ enum Command {
     },
     /// Bootstrap, build, then run the demo.
     Demo,
+    /// Build kube-apiserver v1.20.2 and fetch etcd for the tests, unless already cached
+    /// (under `$XDG_CACHE_HOME/sluice`, default `~/.cache/sluice`); prints their directory.
+    KubeApiserver,
 }
 
 fn main() -> ExitCode {
@@ -56,6 +60,11 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Test { args } => test::run(&args),
         Command::Demo => demo::run(),
+        Command::KubeApiserver => {
+            let dir = kube_apiserver::ensure()?;
+            println!("{}", dir.display());
+            Ok(())
+        }
     }
 }
 
