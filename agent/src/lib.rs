@@ -3,6 +3,7 @@
 //! - [`dataplane`]: the eBPF programs, pins, and per-pod enrollment;
 //! - [`agent`]: the pod table and its operations; [`state`]: its persistence;
 //! - [`zds`]: the ZDS server ztunnel connects to; [`control`]: the control socket;
+//! - [`k8s`]: Kubernetes watches, enrollment policy, /proc netns scan, annotations, taint;
 //! - [`http`], [`metrics`], [`status`]: health, Prometheus metrics, inspection;
 //! - [`cli`], [`run`], [`uninstall`], [`logging`]: the `sluice-agent` command.
 pub mod agent;
@@ -10,6 +11,7 @@ pub mod cli;
 pub mod control;
 pub mod dataplane;
 pub mod http;
+pub mod k8s;
 pub mod logging;
 pub mod metrics;
 pub mod netns;
