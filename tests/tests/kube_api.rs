@@ -57,12 +57,28 @@ fn main() -> ExitCode {
         agent_rbac_from_deploy_is_enough,
     ];
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    // Listing the tests needs no server.
-    let server = if args.list {
+    // Listing the tests, or a filter that selects none of them, needs no server.
+    let selected = |name: &str| {
+        let by_filter = args.filter.as_deref().is_none_or(|f| {
+            if args.exact {
+                name == f
+            } else {
+                name.contains(f)
+            }
+        });
+        by_filter && !args.skip.iter().any(|s| name.contains(s.as_str()))
+    };
+    let server = if args.list || !tests.iter().any(|(name, _)| selected(name)) {
         None
     } else {
+        let started = std::time::Instant::now();
         match runtime.block_on(KubeServer::start()) {
-            Ok(s) => s.map(Arc::new),
+            Ok(s) => {
+                if s.is_some() {
+                    eprintln!("kube-apiserver and etcd ready in {:.1?}", started.elapsed());
+                }
+                s.map(Arc::new)
+            }
             Err(e) => {
                 eprintln!("error: starting the test kube-apiserver: {e:#}");
                 return ExitCode::FAILURE;
@@ -76,7 +92,7 @@ fn main() -> ExitCode {
             let server = server.clone();
             let handle = handle.clone();
             // Without binaries (outside CI) the tests show as ignored, not passed.
-            let ignored = server.is_none() && !args.list;
+            let ignored = server.is_none() && !args.list && selected(name);
             Trial::test(name, move || {
                 let Some(server) = server else {
                     return Ok(());

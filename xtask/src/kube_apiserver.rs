@@ -340,8 +340,27 @@ impl GoEnv {
             )
     }
 
+    /// Runs a command set up by [`GoEnv::cmd`] or [`GoEnv::env`], echoing it without the
+    /// environment (GOROOT etc. are all under the scratch directory) and without the long
+    /// `-i` package list of openapi-gen.
     fn run(&self, c: &mut Command) -> Result<()> {
-        cmd::run(c)
+        let program = Path::new(c.get_program())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut shown = vec![program];
+        let mut args = c.get_args().map(|a| a.to_string_lossy().into_owned());
+        while let Some(a) = args.next() {
+            if a == "-i" {
+                let n = args.next().map_or(0, |list| list.split(',').count());
+                shown.push(format!("-i <{n} packages>"));
+            } else if a.contains(' ') {
+                shown.push(format!("'{a}'"));
+            } else {
+                shown.push(a);
+            }
+        }
+        cmd::run_shown(c, &shown.join(" "))
     }
 }
 
