@@ -4,6 +4,7 @@
 //! - [`agent`]: the pod table and its operations; [`state`]: its persistence;
 //!   [`recovery`]: finishing what a crash interrupted; [`pod_locks`]: one operation per pod;
 //! - [`zds`]: the ZDS server ztunnel connects to; [`control`]: the control socket;
+//! - [`k8s`]: Kubernetes watches, enrollment policy, /proc netns scan, annotations, taint;
 //! - [`http`], [`metrics`], [`status`]: health, Prometheus metrics, inspection;
 //! - [`cli`], [`run`], [`uninstall`], [`logging`]: the `sluice-agent` command.
 pub mod agent;
@@ -12,6 +13,7 @@ pub mod control;
 pub mod dataplane;
 pub mod failpoints;
 pub mod http;
+pub mod k8s;
 pub mod logging;
 pub mod metrics;
 pub mod netns;

@@ -83,6 +83,11 @@ impl Netns {
         self.ino
     }
 
+    /// The device of the namespace file (nsfs); with the inode it identifies the namespace.
+    pub fn device(&self) -> u64 {
+        self.dev
+    }
+
     /// Whether `path` still names this same namespace (it may have been deleted or reused).
     pub fn still_at_path(&self) -> bool {
         std::fs::metadata(&self.path)

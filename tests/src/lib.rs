@@ -5,12 +5,14 @@
 //! - [`peer`]: a ztunnel-like listener set ("inpod" mode) that can be created inside
 //!   any network namespace; the `sluice-testkit peer` subcommand is one user of it.
 //! - [`testkit`]: the rest of the `sluice-testkit` binary (the `app` command server).
+//! - [`kube`]: a real kube-apiserver and etcd on loopback, and helpers for its objects.
 //! - [`sockets`], [`dns`]: small socket and DNS helpers shared by the above.
 
 pub mod agent_proc;
 pub mod dns;
 pub mod fixture;
 pub mod harness;
+pub mod kube;
 pub mod peer;
 pub mod sockets;
 pub mod testkit;

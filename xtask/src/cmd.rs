@@ -24,6 +24,19 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Like [`run`], but echoes `shown` instead of the full command line (for commands whose
+/// environment or argument list would bury the log).
+pub fn run_shown(cmd: &mut Command, shown: &str) -> Result<()> {
+    eprintln!("$ {shown}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start `{shown}`"))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
 /// Runs `cmd` silently for a presence check: its stdout if it succeeded, else `None`.
 pub fn probe(cmd: &mut Command) -> Option<String> {
     let out = cmd

@@ -3,6 +3,7 @@ mod bench;
 mod bootstrap;
 mod cmd;
 mod demo;
+mod kube_apiserver;
 mod test;
 
 use std::{env, path::PathBuf, process::ExitCode};
@@ -40,6 +41,9 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Build kube-apiserver v1.20.2 and fetch etcd for the tests, unless already cached
+    /// (under `$XDG_CACHE_HOME/sluice`, default `~/.cache/sluice`); prints their directory.
+    KubeApiserver,
 }
 
 fn main() -> ExitCode {
@@ -70,6 +74,11 @@ fn run(command: Command) -> Result<()> {
             quick,
             &out.unwrap_or_else(|| workspace_root().join("bench")),
         ),
+        Command::KubeApiserver => {
+            let dir = kube_apiserver::ensure()?;
+            println!("{}", dir.display());
+            Ok(())
+        }
     }
 }
 

@@ -8,7 +8,10 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use crate::{bootstrap, cmd};
+use crate::{bootstrap, cmd, kube_apiserver};
+
+/// Tells the tests where `kube-apiserver` and `etcd` are (see `tests/src/kube`).
+const KUBE_BIN_DIR_VAR: &str = "SLUICE_KUBE_BIN_DIR";
 
 /// Runs every step, then ends with a one-line summary (exiting 1 on failure, so the summary
 /// stays the last line).
@@ -67,10 +70,13 @@ fn steps(extra: &[String]) -> Result<()> {
     // The agent tests run the real `sluice-agent` binary, which `cargo test` does not build
     // for another package's integration tests.
     cmd::run(cmd::cargo().args(["build", "--bins"]).args(TEST_FEATURES))?;
+    // The Kubernetes tests run against a real kube-apiserver and etcd (built once, cached).
+    let kube_bins = kube_apiserver::ensure()?;
     let mut test = cmd::cargo();
     test.arg("test")
         .args(TEST_FEATURES)
-        .env("RUST_BACKTRACE", "1");
+        .env("RUST_BACKTRACE", "1")
+        .env(KUBE_BIN_DIR_VAR, &kube_bins);
     if !extra.is_empty() {
         test.arg("--").args(extra);
     }

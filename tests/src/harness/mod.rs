@@ -11,6 +11,7 @@ mod bpf;
 mod bpffs;
 mod cgroup;
 mod command;
+mod kubelet_cgroup;
 mod mounts;
 mod names;
 mod netns;
@@ -28,6 +29,7 @@ pub use bpf::{
 pub use bpffs::{BPFFS_ROOT, Bpffs, ensure_bpffs_mounted};
 pub use cgroup::{Cgroup, cgroup2_mount};
 pub use command::ip;
+pub use kubelet_cgroup::{CgroupLayout, KubeletCgroup};
 pub use names::unique;
 pub use netns::{Netns, list_netns, run_in_netns};
 pub use peer::Peer;

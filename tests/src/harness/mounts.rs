@@ -17,6 +17,20 @@ pub fn mount_points(fstype: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Where the cgroup v1 hierarchy carrying `option` (a controller such as `pids`, or
+/// `name=systemd`) is mounted, if it is.
+pub fn cgroup_v1_mount(option: &str) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (fields, rest) = line.split_once(" - ")?;
+        let mut rest = rest.split(' ');
+        let (fstype, _source, options) = (rest.next()?, rest.next()?, rest.next()?);
+        let mount_point = fields.split(' ').nth(4)?;
+        (fstype == "cgroup" && options.split(',').any(|o| o == option))
+            .then(|| PathBuf::from(unescape(mount_point)))
+    })
+}
+
 /// Undoes mountinfo's octal escapes (`\040` for space, ...).
 fn unescape(s: &str) -> String {
     let bytes = s.as_bytes();
