@@ -79,7 +79,7 @@ struct Pod {
 }
 
 pub struct Agent {
-    dp: Arc<Mutex<Dataplane>>,
+    dp: Arc<Dataplane>,
     pods: Mutex<BTreeMap<String, Pod>>,
     store: StateStore,
     pub hub: Arc<Hub>,
@@ -94,14 +94,14 @@ pub struct Agent {
 
 /// Scrape-time view of the dataplane for metrics.
 #[derive(Debug)]
-struct DpStats(Arc<Mutex<Dataplane>>);
+struct DpStats(Arc<Dataplane>);
 
 impl DataplaneStats for DpStats {
     fn counters(&self) -> Vec<(BpfCounter, u64)> {
-        lock(&self.0).counters()
+        self.0.counters()
     }
     fn map_fill(&self) -> Vec<MapFill> {
-        lock(&self.0).map_fill()
+        self.0.map_fill()
     }
 }
 
@@ -122,10 +122,10 @@ impl Agent {
     ) -> Result<Arc<Self>, AgentError> {
         let store = StateStore::open(state_dir)?;
         let records = store.load()?;
-        let mut dp = Dataplane::load(dp_config)?;
-        let pods = restore(&mut dp, records);
+        let dp = Dataplane::load(dp_config)?;
+        let pods = restore(&dp, records);
         let agent = Arc::new(Agent {
-            dp: Arc::new(Mutex::new(dp)),
+            dp: Arc::new(dp),
             pods: Mutex::new(BTreeMap::new()),
             store,
             hub,
@@ -168,12 +168,12 @@ impl Agent {
 
     /// Readers of the eBPF programs' logs (see `Dataplane::take_loggers`).
     pub fn take_ebpf_loggers(&self) -> Vec<aya_log::EbpfLogger<&'static dyn log::Log>> {
-        lock(&self.dp).take_loggers()
+        self.dp.take_loggers()
     }
 
-    /// This node's own addresses, exempt from inbound redirection (kubelet probes).
-    pub fn set_host_addrs(&self, addrs: &[IpAddr]) -> Result<(), AgentError> {
-        Ok(lock(&self.dp).set_host_addrs(addrs)?)
+    /// The dataplane (for decision tracing).
+    pub fn dataplane(&self) -> &Arc<Dataplane> {
+        &self.dp
     }
 
     fn save(&self, table: &BTreeMap<String, Pod>) -> Result<(), StateError> {
@@ -260,7 +260,7 @@ impl Agent {
                 uid: other.record.uid.clone(),
             });
         }
-        let mut dp = lock(&self.dp);
+        let dp = &self.dp;
         if dp.is_enrolled(cookie) {
             // Enrolled by an agent that crashed before recording it: start clean.
             warn!(uid = %req.uid, cookie, "adopting an unrecorded enrollment");
@@ -351,7 +351,7 @@ impl Agent {
             .or_else(|| open_verified(&record).map(Arc::new));
         self.save(table)?;
         {
-            let mut dp = lock(&self.dp);
+            let dp = &self.dp;
             match &netns {
                 Some(ns) => match dp.unenroll(ns) {
                     Ok(()) | Err(dataplane::Error::NotEnrolled(_)) => {}
@@ -416,7 +416,7 @@ impl Agent {
                 }
             })
             .collect();
-        let dp = lock(&self.dp);
+        let dp = &self.dp;
         Status {
             ready: self.is_ready(),
             object_id: dp.object_id().to_string(),
@@ -506,7 +506,7 @@ fn open_verified(record: &PodRecord) -> Option<Netns> {
 /// Rebuilds the pod table from saved records against what the dataplane has pinned, finishing
 /// interrupted operations. Pods whose netns is gone are dropped (and forgotten by the
 /// dataplane); pods whose netns merely cannot be opened are kept (ztunnel gets a Keep).
-fn restore(dp: &mut Dataplane, records: Vec<PodRecord>) -> Vec<Pod> {
+fn restore(dp: &Dataplane, records: Vec<PodRecord>) -> Vec<Pod> {
     let mut kept = Vec::new();
     for mut record in records {
         let netns = open_verified(&record);

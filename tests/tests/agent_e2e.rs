@@ -10,7 +10,7 @@ use sluice_tests::{
     agent_proc::{AgentFixture, HEALTH_PORT, METRICS_PORT, agent_bin},
     harness::{
         BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, cgroup_attached_prog_ids, require_root,
-        tcx_ingress_prog_names,
+        sk_lookup_prog_names,
     },
     zds::ZdsPeerOptions,
 };
@@ -274,8 +274,8 @@ fn sigterm_stops_cleanly_and_redirection_stays() {
         .len();
     assert_eq!(
         links,
-        10 + 2,
-        "10 cgroup links and pod0's eth0 and lo, not attached twice"
+        10 + 1,
+        "10 cgroup links and pod0's sk_lookup link, not attached twice"
     );
 }
 
@@ -307,12 +307,10 @@ fn uninstall_leaves_the_node_as_it_found_it() {
     }
     for i in 0..2 {
         let pod = fx.topo.pod(i);
-        for dev in ["eth0", "lo"] {
-            assert!(
-                tcx_ingress_prog_names(pod.path(), dev).unwrap().is_empty(),
-                "tc on pod{i} {dev}"
-            );
-        }
+        assert!(
+            sk_lookup_prog_names(pod.path()).unwrap().is_empty(),
+            "sk_lookup in pod{i}"
+        );
         for family in ["-4", "-6"] {
             assert!(
                 !pod.netns.ip(&[family, "rule"]).unwrap().contains("0x111"),
@@ -326,13 +324,17 @@ fn uninstall_leaves_the_node_as_it_found_it() {
                     .is_empty()
             );
         }
-        assert_eq!(
-            pod.netns
-                .read_sysctl("net.ipv4.tcp_fwmark_accept")
-                .unwrap()
-                .trim(),
-            "0"
-        );
+        for sysctl in [
+            "net.ipv4.tcp_fwmark_accept",
+            "net.ipv4.fwmark_reflect",
+            "net.ipv6.fwmark_reflect",
+        ] {
+            assert_eq!(
+                pod.netns.read_sysctl(sysctl).unwrap().trim(),
+                "0",
+                "{sysctl} in pod{i}"
+            );
+        }
     }
     for path in [
         &fx.agent.paths.control,
@@ -422,9 +424,7 @@ fn restart_finishes_interrupted_operations() {
     assert_eq!(enrolled_uids(&fx), [uid(0)]);
     let pod1 = fx.topo.pod(1);
     assert!(
-        tcx_ingress_prog_names(pod1.path(), "eth0")
-            .unwrap()
-            .is_empty(),
+        sk_lookup_prog_names(pod1.path()).unwrap().is_empty(),
         "unenrollment finished"
     );
     assert!(!pod1.netns.ip(&["rule"]).unwrap().contains("0x111"));
@@ -433,13 +433,13 @@ fn restart_finishes_interrupted_operations() {
         2,
         "pod0, and pod2 left redirected (fail closed) without a record"
     );
-    // The retried enroll of pod2 adopts it: one record, one dataplane entry, one TC program.
+    // The retried enroll of pod2 adopts it: one record, one dataplane entry, one sk_lookup link.
     fx.enroll(2, &["--wait-ms", "0"]).unwrap();
     assert_eq!(enrolled_uids(&fx), [uid(0), uid(2)]);
     assert_eq!(map_used(&fx, "SL_PODS"), 2);
     assert_eq!(
-        tcx_ingress_prog_names(fx.topo.pod(2).path(), "eth0").unwrap(),
-        ["sl_pod_ingress"]
+        sk_lookup_prog_names(fx.topo.pod(2).path()).unwrap(),
+        ["sl_sk_lookup"]
     );
 }
 
