@@ -164,7 +164,7 @@ fn from_outside(ctx: &SkLookupContext, l: &Lookup) -> u32 {
         _pad: 0,
     };
     // SAFETY: read-only lookup.
-    if unsafe { RETURN_CONNS.get(&ztunnel_conn) }.is_some() {
+    if unsafe { RETURN_CONNS.get(ztunnel_conn) }.is_some() {
         return pass(l, &pod, Decision::ExemptZtunnel);
     }
     let from_node = Endpoint {
@@ -173,7 +173,7 @@ fn from_outside(ctx: &SkLookupContext, l: &Lookup) -> u32 {
         _pad: 0,
     };
     // SAFETY: read-only lookup.
-    if unsafe { NODE_CONNS.get(&from_node) }.is_some() {
+    if unsafe { NODE_CONNS.get(from_node) }.is_some() {
         bump(Counter::NodeExempt);
         return pass(l, &pod, Decision::ExemptNode);
     }

@@ -140,8 +140,8 @@ fn sk_mark(ctx: &SockOpsContext) -> Option<u32> {
 #[inline(always)]
 fn connect_started(ctx: &SockOpsContext) {
     let recorded = match exempt_connect(ctx) {
-        Some(Exempt::Node(src)) => NODE_CONNS.insert(&src, &1, u64::from(BPF_ANY)).is_ok(),
-        Some(Exempt::Return(k)) => RETURN_CONNS.insert(&k, &1, u64::from(BPF_ANY)).is_ok(),
+        Some(Exempt::Node(src)) => NODE_CONNS.insert(src, 1, u64::from(BPF_ANY)).is_ok(),
+        Some(Exempt::Return(k)) => RETURN_CONNS.insert(k, 1, u64::from(BPF_ANY)).is_ok(),
         None => false,
     };
     if recorded {
@@ -155,10 +155,10 @@ fn connect_started(ctx: &SockOpsContext) {
 fn connect_done(ctx: &SockOpsContext) {
     match exempt_connect(ctx) {
         Some(Exempt::Node(src)) => {
-            let _ = NODE_CONNS.remove(&src);
+            let _ = NODE_CONNS.remove(src);
         }
         Some(Exempt::Return(k)) => {
-            let _ = RETURN_CONNS.remove(&k);
+            let _ = RETURN_CONNS.remove(k);
         }
         None => return,
     }

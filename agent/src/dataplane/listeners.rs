@@ -1,11 +1,11 @@
 //! ztunnel's listeners that exist before their pod is enrolled (a ztunnel already serving the
 //! netns while its enrollment is re-created: pins lost, a map layout change). sockops learns
 //! listeners when they `listen()`; these it never saw, so enrollment finds them and puts them in
-//! `SL_LISTENERS` itself: from the netns's TCP table (inode of each listener on a ztunnel port),
-//! then the owning process's fd (`pidfd_getfd`), which the map takes.
+//! `SL_LISTENERS` itself: from the netns's listeners (sock_diag: inode of each listener on a
+//! ztunnel port), then the owning process's fd (`pidfd_getfd`), which the map takes.
 //!
-//! Nothing of this runs in the usual order of things (enroll, then ztunnel listens): the TCP
-//! table of a fresh pod has no such listener, and the process scan is skipped.
+//! Nothing of this costs much in the usual order of things (enroll, then ztunnel listens): a
+//! fresh pod has no such listener, and the process scan is skipped.
 use std::{
     io,
     os::fd::{FromRawFd, OwnedFd},
@@ -20,38 +20,99 @@ pub struct Listener {
     pub inode: u64,
 }
 
-/// The calling thread's netns's listeners on 15001, 15006 and 15008 (both families).
+/// The calling thread's netns's listeners on 15001, 15006 and 15008 (both families). Asked
+/// with sock_diag for listeners only: `/proc/net/tcp` would walk the node's whole connection
+/// table (milliseconds on a busy node) for every enrollment.
 pub fn ztunnel_port_listeners() -> io::Result<Vec<Listener>> {
     let mut out = Vec::new();
-    for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
-        match std::fs::read_to_string(table) {
-            Ok(text) => out.extend(parse(&text)),
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        match dump_listeners(family as u8) {
+            Ok(found) => out.extend(found),
             // No IPv6 in this kernel or netns.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if family == libc::AF_INET6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
             Err(e) => return Err(e),
         }
     }
     Ok(out)
 }
 
-/// `/proc/net/tcp{,6}` lines: `sl local_address rem_address st ... uid timeout inode ...`,
-/// with `local_address` as `HEXADDR:HEXPORT` and `st` 0A for LISTEN.
-fn parse(text: &str) -> Vec<Listener> {
-    const LISTEN: &str = "0A";
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 10 || f[3] != LISTEN {
-                return None;
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const TCP_LISTEN: u32 = 10;
+const NLMSG_HDRLEN: usize = 16;
+/// `struct inet_diag_msg`: family, state, timer, retrans, then `inet_diag_sockid` (sport at 4),
+/// expires, rqueue, wqueue, uid, inode (at 68).
+const DIAG_MSG_LEN: usize = 72;
+
+/// One `SOCK_DIAG_BY_FAMILY` dump of TCP listeners of `family`.
+fn dump_listeners(family: u8) -> io::Result<Vec<Listener>> {
+    // SAFETY: a new netlink socket, owned from here on.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned to us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // nlmsghdr (16) + inet_diag_req_v2 (56): family, protocol, ext, pad, states, sockid.
+    let mut req = [0u8; NLMSG_HDRLEN + 56];
+    let len = req.len() as u32;
+    req[0..4].copy_from_slice(&len.to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    req[6..8].copy_from_slice(&flags.to_ne_bytes());
+    req[16] = family;
+    req[17] = libc::IPPROTO_TCP as u8;
+    req[20..24].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // SAFETY: sending a fully initialised buffer on our socket (to the kernel: no address).
+    if unsafe { libc::send(raw, req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // SAFETY: receiving into our buffer.
+        let n = unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut msgs = &buf[..n as usize];
+        while msgs.len() >= NLMSG_HDRLEN {
+            let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
+            let ty = u16::from_ne_bytes(msgs[4..6].try_into().expect("2 bytes"));
+            if len < NLMSG_HDRLEN || len > msgs.len() {
+                return Err(io::Error::other("malformed sock_diag answer"));
             }
-            let port = u16::from_str_radix(f[1].rsplit_once(':')?.1, 16).ok()?;
-            let inode = f[9].parse().ok()?;
-            [PORT_OUTBOUND, PORT_INBOUND, PORT_HBONE]
-                .contains(&port)
-                .then_some(Listener { port, inode })
-        })
-        .collect()
+            match ty {
+                NLMSG_DONE => return Ok(out),
+                NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes(msgs[16..20].try_into().expect("4 bytes"));
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                _ if len >= NLMSG_HDRLEN + DIAG_MSG_LEN => {
+                    let m = &msgs[NLMSG_HDRLEN..];
+                    let port = u16::from_be_bytes([m[4], m[5]]);
+                    let inode = u32::from_ne_bytes(m[68..72].try_into().expect("4 bytes"));
+                    if [PORT_OUTBOUND, PORT_INBOUND, PORT_HBONE].contains(&port) {
+                        out.push(Listener {
+                            port,
+                            inode: u64::from(inode),
+                        });
+                    }
+                }
+                _ => {}
+            }
+            msgs = &msgs[len.next_multiple_of(4).min(msgs.len())..];
+        }
+    }
 }
 
 /// A duplicate of the socket with this inode, taken from whichever process holds it.
@@ -104,21 +165,34 @@ fn take_fd(pid: i32, fd: i32) -> io::Result<OwnedFd> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::TcpListener;
+
     use super::*;
 
     #[test]
-    fn listeners_on_ztunnel_ports_are_picked_from_the_tcp_table() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 00000000:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
-   1: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4243 1 0000000000000000 100 0 0 10 0
-   2: 0200000A:3A9E 0100000A:D431 01 00000000:00000000 00:00000000 00000000     0        0 4244 1 0000000000000000 100 0 0 10 0
-";
-        assert_eq!(
-            parse(table),
-            [Listener {
-                port: 15001,
-                inode: 4242
-            }]
-        );
+    fn listeners_on_ztunnel_ports_are_found_and_others_not() {
+        // In a netns of our own (unshare on a scratch thread), where nobody else listens.
+        std::thread::spawn(|| {
+            if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+                eprintln!("skipped: cannot create a network namespace (not root)");
+                return;
+            }
+            let lo_up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status();
+            assert!(lo_up.is_ok_and(|s| s.success()));
+            let _a = TcpListener::bind("127.0.0.1:15001").unwrap();
+            let _b = TcpListener::bind("[::1]:15008").unwrap();
+            let _other = TcpListener::bind("127.0.0.1:8080").unwrap();
+            let mut ports: Vec<u16> = ztunnel_port_listeners()
+                .unwrap()
+                .iter()
+                .map(|l| l.port)
+                .collect();
+            ports.sort();
+            assert_eq!(ports, [15001, 15008]);
+        })
+        .join()
+        .unwrap();
     }
 }
