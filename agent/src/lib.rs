@@ -3,7 +3,7 @@
 //! - [`dataplane`]: the eBPF programs, pins, and per-pod enrollment;
 //! - [`agent`]: the pod table and its operations; [`state`]: its persistence;
 //! - [`zds`]: the ZDS server ztunnel connects to; [`control`]: the control socket;
-//! - [`http`], [`metrics`], [`status`]: health, Prometheus metrics, inspection;
+//! - [`http`], [`metrics`], [`status`], [`trace`]: health, Prometheus metrics, inspection;
 //! - [`cli`], [`run`], [`uninstall`], [`logging`]: the `sluice-agent` command.
 pub mod agent;
 pub mod cli;
@@ -17,5 +17,6 @@ pub mod run;
 pub mod shutdown;
 pub mod state;
 pub mod status;
+pub mod trace;
 pub mod uninstall;
 pub mod zds;

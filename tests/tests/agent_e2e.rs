@@ -507,3 +507,104 @@ fn a_pod_whose_netns_cannot_be_opened_is_kept_through_a_restart() {
     assert_eq!(t.entries()[0].uid.as_deref(), Some(uid(0).as_str()));
     drop(holder);
 }
+
+/// Issue point 15: `sluice-agent trace --pod NS/NAME` streams that pod's live decisions; the
+/// programs write them only while a trace client is attached (the flag in SL_CONFIG).
+#[test]
+fn trace_streams_a_pods_decisions_only_while_someone_watches() {
+    let Some(fx) = fixture(2, &[]) else { return };
+    let _peer = fx.zds_peer(&ZdsPeerOptions::default()).unwrap();
+    fx.enroll(0, &[]).unwrap();
+    fx.enroll(1, &[]).unwrap();
+    let server = fx.app(1).unwrap();
+    server.listen(8080).unwrap();
+    let client = fx.app(0).unwrap();
+    assert!(!tracing_on(&fx), "nobody traces yet");
+
+    let mut trace = std::process::Command::new(agent_bin())
+        .arg("--control-socket")
+        .arg(&fx.agent.paths.control)
+        .args(["trace", "--pod", "default/pod0", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = trace.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + WAIT;
+    while !tracing_on(&fx) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tracing never turned on"
+        );
+        // The flag lives in a map: nothing to wait on but the map itself.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let dst = sa(fx.topo.pod(1).ipv4, 8080);
+    client.connect(dst, None).unwrap().ensure_ok().unwrap();
+    let mut seen = Vec::new();
+    let wanted = |v: &Value| {
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("outbound, delivered"))
+    };
+    while !seen.iter().any(wanted) {
+        let line = lines
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("no outbound decision traced: {seen:?}"));
+        assert_eq!(line["pod"], "default/pod0", "only pod0's decisions: {line}");
+        seen.push(line);
+    }
+    let delivered = seen.iter().find(|v| wanted(v)).unwrap();
+    assert_eq!(delivered["verdict"], "redirected");
+    assert_eq!(delivered["dst"], dst.to_string());
+    // The connect that marked it was traced too, before.
+    assert!(
+        seen.iter()
+            .any(|v| v["reason"] == "outbound, routed to ztunnel 15001")
+    );
+
+    trace.kill().unwrap();
+    let _ = trace.wait();
+    let deadline = std::time::Instant::now() + WAIT;
+    while tracing_on(&fx) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tracing stayed on without a client"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether the programs are told to trace: `GLOBAL_TRACE` in SL_CONFIG, read with bpftool.
+fn tracing_on(fx: &AgentFixture) -> bool {
+    let pin = fx
+        .bpffs
+        .path()
+        .join(format!("maps-v{}", sluice_common::MAP_ABI))
+        .join("SL_CONFIG");
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&pin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = dump[0]["value"][0].as_str().unwrap();
+    let flags = u8::from_str_radix(first.trim_start_matches("0x"), 16).unwrap();
+    u32::from(flags) & sluice_common::GLOBAL_TRACE != 0
+}
