@@ -64,10 +64,15 @@ impl Sink {
     }
 }
 
+/// Stops only once the accept queue is empty (an accept timed out), so that every connection
+/// made before the stop is counted.
 fn serve(listener: &TcpListener, stop: &AtomicBool) -> Counts {
     let mut c = Counts::default();
-    while !stop.load(Ordering::SeqCst) {
+    loop {
         let Ok((conn, _)) = listener.accept() else {
+            if stop.load(Ordering::SeqCst) {
+                return c;
+            }
             continue;
         };
         c.accepted += 1;
@@ -81,5 +86,4 @@ fn serve(listener: &TcpListener, stop: &AtomicBool) -> Counts {
             }
         }
     }
-    c
 }
