@@ -171,13 +171,28 @@ fn original_destinations_survive_another_pods_churn() {
     assert_eq!(sink["accepted"], CHURN, "{sink}");
     assert_eq!(sink["answered"], CHURN, "{sink}");
     assert_eq!(sink["wrong"], 0, "{sink}");
-    assert_eq!(stats.failures, 0, "{stats:?}");
+    // B's own connections may lose a SYN to the churn's load (see above); what this test is
+    // about is that every connection ztunnel got had its true original destination.
+    assert!(
+        stats.failures * 100 <= stats.attempts,
+        "more than 1% of B's connections failed: {stats:?}"
+    );
+    assert!(
+        stats
+            .first_error
+            .as_ref()
+            .is_none_or(|e| e["errno"] == libc::ETIMEDOUT),
+        "{stats:?}"
+    );
     let b_outbound: Vec<Value> = peer_b
         .events()
         .into_iter()
         .filter(|e| e["event"] == "outbound")
         .collect();
-    assert!(b_outbound.len() as u64 >= stats.attempts, "{stats:?}");
+    assert!(
+        b_outbound.len() as u64 >= stats.attempts - stats.failures,
+        "{stats:?}"
+    );
     for ev in &b_outbound {
         assert_eq!(addr(&ev["orig_dst"]), target, "{ev}");
         assert_eq!(ev["orig_dst_from"], "sol_ip", "{ev}");
