@@ -120,8 +120,8 @@ impl PodTable {
 }
 
 pub struct Agent {
-    /// Called for one dataplane step at a time, on the blocking pool.
-    dp: Mutex<Dataplane>,
+    /// Shared, `&self` throughout: enrollments of different pods use it at the same time.
+    dp: Arc<Dataplane>,
     pub(crate) pods: PodTable,
     store: StateStore,
     locks: PodLocks,
@@ -141,10 +141,6 @@ enum Enrolled {
     Already(Workload, u64),
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Agent {
     /// Loads (or adopts) the dataplane and rebuilds the pod table from `store`, finishing
     /// whatever a crashed agent left half done. Blocking.
@@ -157,10 +153,10 @@ impl Agent {
         ready: Arc<AtomicBool>,
     ) -> Result<Arc<Self>, AgentError> {
         let records = store.load()?;
-        let mut dp = Dataplane::load(dp_config)?;
-        let pods = recovery::restore(&mut dp, &store, records);
+        let dp = Dataplane::load(dp_config)?;
+        let pods = recovery::restore(&dp, &store, records);
         let agent = Arc::new(Agent {
-            dp: Mutex::new(dp),
+            dp: Arc::new(dp),
             pods: PodTable::default(),
             store,
             locks: PodLocks::default(),
@@ -172,7 +168,7 @@ impl Agent {
         });
         agent
             .metrics
-            .attach_dataplane(Arc::new(DpStats(Arc::downgrade(&agent))));
+            .attach_dataplane(Arc::new(DpStats(Arc::clone(&agent.dp))));
         let mut table = agent.pods.lock();
         for pod in pods {
             // Nothing is connected yet: this only seeds the hub's snapshot.
@@ -199,18 +195,23 @@ impl Agent {
         self.ready.store(false, Ordering::SeqCst);
     }
 
-    pub(crate) fn dp(&self) -> MutexGuard<'_, Dataplane> {
-        lock(&self.dp)
+    pub(crate) fn dp(&self) -> &Dataplane {
+        &self.dp
+    }
+
+    /// A copy of every pod record (an in-memory read, no syscall).
+    pub fn pod_records(&self) -> Vec<PodRecord> {
+        self.pods.records()
+    }
+
+    /// The dataplane (for decision tracing).
+    pub fn dataplane(&self) -> &Arc<Dataplane> {
+        &self.dp
     }
 
     /// Readers of the eBPF programs' logs (see `Dataplane::take_loggers`).
     pub fn take_ebpf_loggers(&self) -> Vec<aya_log::EbpfLogger<&'static dyn log::Log>> {
         self.dp().take_loggers()
-    }
-
-    /// This node's own addresses, exempt from inbound redirection (kubelet probes).
-    pub fn set_host_addrs(&self, addrs: &[IpAddr]) -> Result<(), AgentError> {
-        Ok(self.dp().set_host_addrs(addrs)?)
     }
 
     /// Enrolls a pod: dataplane first, then ztunnel, waiting up to `wait_ms` for its ACK.
@@ -347,7 +348,7 @@ impl Agent {
             ipv6: record.ipv6,
         };
         let result = {
-            let mut dp = self.dp();
+            let dp = self.dp();
             if dp.is_enrolled(cookie) {
                 // Enrolled by an agent that crashed before recording it: start clean.
                 warn!(uid = %req.uid, cookie, "adopting an unrecorded enrollment");
@@ -418,7 +419,7 @@ impl Agent {
             p.record.phase = Phase::Unenrolling;
         }
         let result = {
-            let mut dp = self.dp();
+            let dp = self.dp();
             match &netns {
                 Some(ns) => match dp.unenroll(ns) {
                     Ok(()) | Err(dataplane::Error::NotEnrolled(_)) => Ok(()),
@@ -499,9 +500,9 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| AgentError::Io(std::io::Error::other(e)))?
 }
 
-/// Scrape-time view of the dataplane for metrics. Weak: metrics must not keep the agent alive.
+/// Scrape-time view of the dataplane for metrics.
 #[derive(Debug)]
-struct DpStats(std::sync::Weak<Agent>);
+struct DpStats(Arc<Dataplane>);
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -511,16 +512,10 @@ impl std::fmt::Debug for Agent {
 
 impl DataplaneStats for DpStats {
     fn counters(&self) -> Vec<(BpfCounter, u64)> {
-        self.0
-            .upgrade()
-            .map(|a| a.dp().counters())
-            .unwrap_or_default()
+        self.0.counters()
     }
     fn map_fill(&self) -> Vec<MapFill> {
-        self.0
-            .upgrade()
-            .map(|a| a.dp().map_fill())
-            .unwrap_or_default()
+        self.0.map_fill()
     }
 }
 

@@ -51,6 +51,16 @@ pub enum Command {
     /// Remove everything the agent put on this node (pins, links, pod rules, sockets, state).
     /// Stops a running agent first.
     Uninstall(UninstallArgs),
+    /// Stream live redirect decisions (redirected, exempt and why, dropped and why) until
+    /// interrupted. Costs nothing while nobody traces.
+    Trace {
+        /// Only this pod's decisions (`namespace/name`).
+        #[arg(long)]
+        pod: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -5,7 +5,7 @@
 //!   [`recovery`]: finishing what a crash interrupted; [`pod_locks`]: one operation per pod;
 //! - [`zds`]: the ZDS server ztunnel connects to; [`control`]: the control socket;
 //! - [`k8s`]: Kubernetes watches, enrollment policy, /proc netns scan, annotations, taint;
-//! - [`http`], [`metrics`], [`status`]: health, Prometheus metrics, inspection;
+//! - [`http`], [`metrics`], [`status`], [`trace`]: health, Prometheus metrics, inspection;
 //! - [`cli`], [`run`], [`uninstall`], [`logging`]: the `sluice-agent` command.
 pub mod agent;
 pub mod cli;
@@ -24,5 +24,6 @@ pub mod run;
 pub mod shutdown;
 pub mod state;
 pub mod status;
+pub mod trace;
 pub mod uninstall;
 pub mod zds;

@@ -68,5 +68,31 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Uninstall(args) => uninstall::uninstall(&args, &socket),
+        Command::Trace { pod, json } => {
+            let mut out = std::io::stdout().lock();
+            client::stream(&socket, &Request::Trace { pod }, |line| {
+                use std::io::Write as _;
+                let text = if json {
+                    line.to_string()
+                } else {
+                    trace_line(&line)
+                };
+                writeln!(out, "{text}").and_then(|()| out.flush()).is_ok()
+            })?;
+            Ok(())
+        }
     }
+}
+
+/// `pod  verdict  src -> dst  reason` for people.
+fn trace_line(v: &serde_json::Value) -> String {
+    let s = |k: &str| v[k].as_str().unwrap_or("-").to_string();
+    format!(
+        "{:<30} {:<10} {:>45} -> {:<45} {}",
+        s("pod"),
+        s("verdict"),
+        s("src"),
+        s("dst"),
+        s("reason")
+    )
 }

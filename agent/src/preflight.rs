@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 
 use caps::{CapSet, Capability};
 
-/// The oldest kernel whose mechanisms the dataplane uses, and why.
-pub const MIN_KERNEL: (u32, u32) = (6, 6);
-const MIN_KERNEL_WHY: &str = "TCX links for the in-pod programs";
+use crate::dataplane::features::{self, MIN_KERNEL};
+
+/// Why `MIN_KERNEL` (the table of every feature and its release is in `dataplane/features.rs`).
+const MIN_KERNEL_WHY: &str = "sk_lookup's ingress_ifindex";
 
 /// `CGROUP2_SUPER_MAGIC` and `BPF_FS_MAGIC` from linux/magic.h.
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
@@ -47,9 +48,7 @@ pub const KEPT_CAPS: &[(Capability, &str)] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
     #[error(
-        "kernel {release} is too old: Sluice needs Linux >= {}.{} ({MIN_KERNEL_WHY}); run the agent on a newer kernel",
-        MIN_KERNEL.0,
-        MIN_KERNEL.1
+        "kernel {release} is too old: Sluice needs Linux >= {MIN_KERNEL} ({MIN_KERNEL_WHY}); run the agent on a newer kernel"
     )]
     KernelTooOld { release: String },
     #[error(
@@ -75,7 +74,7 @@ pub enum PreflightError {
 
 /// Everything `sluice-agent run` needs, checked in order of how fundamental it is.
 pub fn check(pin_root: &Path, cgroup: &Path) -> Result<(), PreflightError> {
-    check_kernel(&kernel_release()?)?;
+    check_kernel(&features::kernel_release())?;
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(PreflightError::NoBtf);
     }
@@ -84,28 +83,24 @@ pub fn check(pin_root: &Path, cgroup: &Path) -> Result<(), PreflightError> {
     check_bpffs(pin_root)
 }
 
-fn kernel_release() -> Result<String, PreflightError> {
-    let uts = nix::sys::utsname::uname().map_err(|e| PreflightError::Io(format!("uname: {e}")))?;
-    Ok(uts.release().to_string_lossy().into_owned())
-}
-
 /// `release` is `uname -r`, e.g. `6.1.0-28-cloud-amd64` or `6.18.44-fc-v669`.
 pub fn check_kernel(release: &str) -> Result<(), PreflightError> {
     let too_old = || PreflightError::KernelTooOld {
         release: release.to_string(),
     };
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty());
-    let major: u32 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(too_old)?;
-    let minor: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    if (major, minor) < MIN_KERNEL {
-        return Err(too_old());
+    let version = |s: &str| -> Option<(u32, u32)> {
+        let mut parts = s
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|p| !p.is_empty());
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        Some((major, minor))
+    };
+    let min = version(MIN_KERNEL).unwrap_or((0, 0));
+    match version(release) {
+        Some(v) if v >= min => Ok(()),
+        _ => Err(too_old()),
     }
-    Ok(())
 }
 
 fn check_caps() -> Result<(), PreflightError> {
@@ -199,11 +194,13 @@ mod tests {
             "6.18.44-fc-v669",
             "7.0",
             "6.12.111+deb12-cloud-amd64",
+            "6.1.0-28-cloud-amd64",
+            "5.17.0",
         ] {
             check_kernel(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         for old in [
-            "6.1.0-28-cloud-amd64",
+            "5.16.20",
             "5.15.0-91-generic",
             "4.19",
             "garbage",

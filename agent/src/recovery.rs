@@ -23,7 +23,7 @@ use crate::{
     state::{Phase, PodRecord, StateStore},
 };
 
-pub(crate) fn restore(dp: &mut Dataplane, store: &StateStore, records: Vec<PodRecord>) -> Vec<Pod> {
+pub(crate) fn restore(dp: &Dataplane, store: &StateStore, records: Vec<PodRecord>) -> Vec<Pod> {
     let mut kept = Vec::new();
     for record in records {
         match restore_one(dp, record) {
@@ -62,7 +62,7 @@ enum Restored {
     Drop(String),
 }
 
-fn restore_one(dp: &mut Dataplane, mut record: PodRecord) -> Restored {
+fn restore_one(dp: &Dataplane, mut record: PodRecord) -> Restored {
     let netns = open_verified(&record);
     let cookie = record.netns_cookie;
     let uid = record.uid.clone();

@@ -19,9 +19,6 @@ use crate::{
     zds::{self, ConnConfig, Hub, RetryPolicy},
 };
 
-/// How often the node's own addresses (exempt from inbound redirection) are refreshed.
-const HOST_ADDR_REFRESH: Duration = Duration::from_secs(30);
-
 pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::Result<()> {
     info!(
         node = args.node_name.as_deref().unwrap_or(""),
@@ -91,7 +88,6 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
         capabilities = preflight::cap_names(&kept),
         "dropped every capability not needed from now on"
     );
-    refresh_host_addrs(&agent).await;
     for logger in agent.take_ebpf_loggers() {
         tasks.spawn(forward_ebpf_logs(logger, stop_rx.clone()));
     }
@@ -111,7 +107,6 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
     ));
     let control_task =
         tokio::spawn(control_server.run(Arc::clone(&agent), stop_rx.clone(), stop_tx.clone()));
-    tasks.spawn(refresh_loop(Arc::clone(&agent), stop_rx.clone()));
     tasks.spawn(gc_loop(
         Arc::clone(&agent),
         Duration::from_secs(args.gc_interval.max(1)),
@@ -180,21 +175,6 @@ async fn forward_ebpf_logs(
     }
 }
 
-async fn refresh_host_addrs(agent: &Arc<Agent>) {
-    let a = Arc::clone(agent);
-    let res = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
-        let addrs = dataplane::pod_net::addresses()?;
-        a.set_host_addrs(&addrs)?;
-        Ok(addrs.len())
-    })
-    .await;
-    match res {
-        Ok(Ok(n)) => tracing::debug!(addresses = n, "node addresses refreshed"),
-        Ok(Err(e)) => warn!(error = %e, "refreshing node addresses"),
-        Err(e) => warn!(error = %e, "refreshing node addresses"),
-    }
-}
-
 /// Lets go of pods whose netns vanished (the safety net for a missed unenroll).
 async fn gc_loop(
     agent: Arc<Agent>,
@@ -207,15 +187,6 @@ async fn gc_loop(
             _ = tokio::time::sleep(every) => {
                 agent.collect_vanished().await;
             }
-        }
-    }
-}
-
-async fn refresh_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
-    loop {
-        tokio::select! {
-            _ = crate::shutdown::stopped(&mut stop) => return Ok(()),
-            _ = tokio::time::sleep(HOST_ADDR_REFRESH) => refresh_host_addrs(&agent).await,
         }
     }
 }

@@ -11,12 +11,12 @@ mod user;
 
 /// Bump when a map's layout or meaning changes: pinned maps live under a directory named after it,
 /// so an upgraded agent never reads a map written with another layout.
-pub const MAP_ABI: u32 = 1;
+pub const MAP_ABI: u32 = 2;
 
 /// ztunnel marks every socket it makes inside a pod with this mark (`SO_MARK`).
 pub const ZTUNNEL_MARK: u32 = 0x539;
-/// Mark given to the app's side of connections that ztunnel opened towards the app, so that the
-/// app's replies are routed back to ztunnel locally (upstream's connmark value).
+/// Upstream's connmark value. A socket carrying it is routed to the pod's `lo` (rule + table
+/// 100): the app's redirected outbound sockets, and both ends of ztunnel's connections to the app.
 pub const REPLY_MARK: u32 = 0x111;
 /// Only these bits of a mark are ours (upstream's mask).
 pub const MARK_MASK: u32 = 0xfff;
@@ -31,13 +31,13 @@ pub const PORT_HBONE: u16 = 15008;
 pub const PORT_DNS: u16 = 15053;
 pub const DNS_PORT: u16 = 53;
 
-/// Upstream SNATs kubelet probes to this address; traffic from it is never redirected.
-pub const PROBE_SNAT_V4: [u8; 4] = [169, 254, 7, 127];
+/// `lo` has this ifindex in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
-/// Per-pod flags in [`PodConfig::flags`].
+/// Per-pod flags in [`PodConfig::flags`] and [`PodAddr::flags`].
 pub const POD_DNS_CAPTURE: u32 = 1 << 0;
 pub const POD_BYPASS_INBOUND: u32 = 1 << 1;
 /// IPv6 traffic is left alone (Istio's `AMBIENT_IPV6=false`); IPv4-mapped stays IPv4.
@@ -45,27 +45,44 @@ pub const POD_NO_IPV6: u32 = 1 << 2;
 
 /// Global flags in [`GlobalConfig::flags`].
 pub const GLOBAL_ACCELERATE: u32 = 1 << 0;
+/// A trace client is attached: decisions go to the trace ring buffer.
+pub const GLOBAL_TRACE: u32 = 1 << 1;
 
+/// Pod IPs an enrollment may name.
 pub const MAX_POD_IPS: usize = 4;
+/// Addresses kept per pod: its IPs, then the other addresses its netns had at enrollment
+/// (link-local ones, say).
+pub const MAX_POD_ADDRS: usize = 8;
+/// Unconnected DNS destinations remembered per socket (see [`DnsDests`]).
+pub const DNS_DESTS: usize = 8;
 
 /// Map names (the names of the map statics in the eBPF object, and of their pins). Kernel
 /// object names are cut at 15 characters, so these stay shorter.
 pub mod maps {
     pub const PODS: &str = "SL_PODS";
-    pub const HOST_ADDRS: &str = "SL_HOST_ADDRS";
-    pub const SOCK_ORIG: &str = "SL_SOCK_ORIG";
-    pub const FLOW_ORIG: &str = "SL_FLOW_ORIG";
+    pub const POD_ADDRS: &str = "SL_POD_ADDRS";
+    pub const LISTENERS: &str = "SL_LISTENERS";
+    pub const NODE_CONNS: &str = "SL_NODE_CONNS";
+    pub const RETURN_CONNS: &str = "SL_RETURN_CONNS";
+    pub const DNS_DESTS: &str = "SL_DNS_DESTS";
     pub const SOCKS: &str = "SL_SOCKS";
     pub const NO_ACCEL: &str = "SL_NO_ACCEL";
     pub const CONFIG: &str = "SL_CONFIG";
     pub const COUNTERS: &str = "SL_COUNTERS";
+    pub const TRACE: &str = "SL_TRACE";
 
     /// Capacities (max entries), shared by the map definitions and the fill-level reports.
     pub const PODS_CAPACITY: u32 = 8192;
-    pub const HOST_ADDRS_CAPACITY: u32 = 1024;
-    pub const FLOW_ORIG_CAPACITY: u32 = 65536;
+    pub const POD_ADDRS_CAPACITY: u32 = PODS_CAPACITY * super::MAX_POD_ADDRS as u32;
+    /// Three listeners (15001, 15006, 15008) per pod.
+    pub const LISTENERS_CAPACITY: u32 = PODS_CAPACITY * 4;
+    /// Node-netns connects whose SYN may still be on its way.
+    pub const NODE_CONNS_CAPACITY: u32 = 65536;
+    /// ztunnel's connects to apps from a client's address whose SYN may still be on its way.
+    pub const RETURN_CONNS_CAPACITY: u32 = 65536;
     pub const SOCKS_CAPACITY: u32 = 65536;
     pub const NO_ACCEL_CAPACITY: u32 = 65536;
+    pub const TRACE_BYTES: u32 = 1 << 20;
 }
 
 /// Program names in the eBPF object (all start with `sl_`, which is how `bpftool` shows ours).
@@ -81,11 +98,7 @@ pub mod progs {
     pub const GETSOCKOPT: &str = "sl_getsockopt";
     pub const SOCKOPS: &str = "sl_sockops";
     pub const SK_MSG: &str = "sl_sk_msg";
-    pub const TC_POD_INGRESS: &str = "sl_pod_ingress";
-    pub const TC_POD_INGRESS_L3: &str = "sl_pod_ingr_l3";
-    pub const TC_POD_INGRESS_V4: &str = "sl_pod_ingr4";
-    pub const TC_POD_INGRESS_V4_L3: &str = "sl_pod_ingr4_l3";
-    pub const TC_LO_INGRESS: &str = "sl_lo_ingress";
+    pub const SK_LOOKUP: &str = "sl_sk_lookup";
 }
 
 /// An IPv6 address, or an IPv4 address in IPv4-mapped form, in network byte order.
@@ -156,14 +169,19 @@ pub struct PodConfig {
     pub flags: u32,
     /// How many entries of `ips` are used.
     pub ip_count: u32,
-    /// The pod's own addresses: traffic to them stays local, and the first one of each family is
-    /// where redirected outbound connections land (as iptables REDIRECT keeps the pod IP as peer).
-    pub ips: [Addr; MAX_POD_IPS],
-    /// Value of `net.ipv4.tcp_fwmark_accept` in the netns before enrollment (userspace bookkeeping,
-    /// kept here so that it survives an agent restart).
+    /// The pod's own addresses (its IPs first): traffic to them stays inside the pod.
+    pub ips: [Addr; MAX_POD_ADDRS],
+    /// The netns's sysctls before enrollment (userspace bookkeeping, kept here so that it
+    /// survives an agent restart): `tcp_fwmark_accept`, `ipv4.fwmark_reflect`,
+    /// `ipv6.fwmark_reflect` ([`SYSCTL_ABSENT`] if the netns has no IPv6).
     pub saved_fwmark_accept: u32,
+    pub saved_reflect4: u32,
+    pub saved_reflect6: u32,
     pub _pad: u32,
 }
+
+/// A sysctl the netns did not have (IPv6 disabled).
+pub const SYSCTL_ABSENT: u32 = u32::MAX;
 
 impl PodConfig {
     /// Whether `addr` is one of the pod's own addresses.
@@ -171,27 +189,13 @@ impl PodConfig {
     pub fn has_ip(&self, addr: &Addr) -> bool {
         // A counted loop over the fixed array: the verifier needs the bound.
         let mut i = 0;
-        while i < MAX_POD_IPS {
+        while i < MAX_POD_ADDRS {
             if (i as u32) < self.ip_count && self.ips[i] == *addr {
                 return true;
             }
             i += 1;
         }
         false
-    }
-
-    /// The pod's first address of the same family as `like`, if it has one.
-    #[inline(always)]
-    pub fn first_ip_like(&self, like: &Addr) -> Option<Addr> {
-        let v4 = like.is_v4();
-        let mut i = 0;
-        while i < MAX_POD_IPS {
-            if (i as u32) < self.ip_count && self.ips[i].is_v4() == v4 {
-                return Some(self.ips[i]);
-            }
-            i += 1;
-        }
-        None
     }
 
     /// Addresses that stay inside the pod: loopback and the pod's own.
@@ -201,26 +205,66 @@ impl PodConfig {
     }
 }
 
-/// An original destination (as the app asked for it).
+/// What the programs that cannot see a netns cookie (`sk_lookup`) know about a pod, by each of
+/// its addresses.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OrigDst {
+pub struct PodAddr {
+    /// The pod's netns cookie.
+    pub netns: u64,
+    /// `POD_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// One end of a connection: an address and a port (host byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
     pub addr: Addr,
-    /// Host byte order.
     pub port: u16,
     pub _pad: u16,
 }
 
-/// One end of a connection inside one network namespace: the key under which the app's side of a
-/// redirected connection is remembered, looked up from ztunnel's accepted socket by its peer.
+/// Key of ztunnel's listeners in `SL_LISTENERS`: the pod's netns cookie and the port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
+pub struct ListenerKey {
     pub netns: u64,
-    pub addr: Addr,
-    /// Host byte order.
-    pub port: u16,
-    pub _pad: [u8; 6],
+    pub port: u32,
+    pub _pad: u32,
+}
+
+impl ListenerKey {
+    /// The agent's black holes, one per family: listeners whose accept queue is always full,
+    /// so that a SYN handed to one is dropped without an answer (see `dataplane/blackhole.rs`).
+    pub const BLACK_HOLE_V4: ListenerKey = ListenerKey {
+        netns: 0,
+        port: 4,
+        _pad: 0,
+    };
+    pub const BLACK_HOLE_V6: ListenerKey = ListenerKey {
+        netns: 0,
+        port: 6,
+        _pad: 0,
+    };
+}
+
+/// Where a DNS socket's queries really went (socket storage): for `getpeername` and `recvmsg`.
+/// A connected socket has one destination; an unconnected one may ask several servers in a row
+/// (musl asks every nameserver at once), kept in order so that each reply is attributed to a
+/// server that was asked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DnsDests {
+    /// The destination given to `connect`, if any (port 0: none).
+    pub connected: Endpoint,
+    /// Index of the oldest unanswered `sendmsg` destination, and how many there are.
+    pub head: u32,
+    pub len: u32,
+    pub sent: [Endpoint; DNS_DESTS],
+    /// The destination the last reply was attributed to (replies beyond the queries asked).
+    pub last: Endpoint,
 }
 
 /// Key of a socket in the acceleration sockhash: its netns and 4-tuple as seen from that socket.
@@ -257,6 +301,9 @@ impl SockKey {
 pub struct GlobalConfig {
     pub flags: u32,
     pub _pad: u32,
+    /// Cookie of the node's network namespace: connections its sockets open are exempt from
+    /// inbound capture (upstream's `-m owner --socket-exists`).
+    pub node_netns: u64,
 }
 
 /// Indexes of the per-CPU counters array.
@@ -275,11 +322,15 @@ pub enum Counter {
     SocketsAccelerated,
     MessagesAccelerated,
     AccelFallback,
-    FlowTableFull,
+    OutboundNoListener,
+    NodeExempt,
+    UnknownAddress,
+    HboneDelivered,
+    TraceLost,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::OutboundRedirected,
         Counter::InboundRedirected,
@@ -293,7 +344,11 @@ impl Counter {
         Counter::SocketsAccelerated,
         Counter::MessagesAccelerated,
         Counter::AccelFallback,
-        Counter::FlowTableFull,
+        Counter::OutboundNoListener,
+        Counter::NodeExempt,
+        Counter::UnknownAddress,
+        Counter::HboneDelivered,
+        Counter::TraceLost,
     ];
 
     /// Stable name used in metrics and `status`.
@@ -311,7 +366,121 @@ impl Counter {
             Counter::SocketsAccelerated => "sockets_accelerated",
             Counter::MessagesAccelerated => "messages_accelerated",
             Counter::AccelFallback => "accel_fallback",
-            Counter::FlowTableFull => "flow_table_full",
+            Counter::OutboundNoListener => "outbound_no_listener_dropped",
+            Counter::NodeExempt => "inbound_node_exempt",
+            Counter::UnknownAddress => "inbound_unknown_address_dropped",
+            Counter::HboneDelivered => "hbone_delivered",
+            Counter::TraceLost => "trace_lost",
+        }
+    }
+}
+
+/// One redirect decision, as the programs report it to `sluice-agent trace` (only while a
+/// trace client is attached).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceEvent {
+    /// The pod's netns cookie (0 where the hook cannot tell: see `pod_addr`).
+    pub netns: u64,
+    /// The connection's pod-side address, by which `sk_lookup` events name their pod.
+    pub pod_addr: Addr,
+    pub src: Addr,
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    /// A [`Decision`].
+    pub decision: u32,
+    /// For `sk_lookup`: the interface the connection arrived on.
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+
+/// What a program decided, and why.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// connect: the app's outbound TCP socket is marked for ztunnel's 15001.
+    OutboundMarked = 1,
+    /// connect/sendmsg: DNS sent to ztunnel's 15053.
+    DnsRedirected,
+    /// connect: ztunnel's connection to the app (client's address) marked for the return path.
+    ReplyMarked,
+    /// connect: ztunnel's own socket.
+    ExemptZtunnel,
+    /// connect: the destination is inside the pod.
+    ExemptLocal,
+    /// connect: IPv6 capture is off for the pod.
+    ExemptIpv6Off,
+    /// sk_lookup: delivered to ztunnel's 15001.
+    ToOutbound,
+    /// sk_lookup: delivered to ztunnel's 15006.
+    ToInbound,
+    /// sk_lookup: delivered to ztunnel's 15008.
+    ToHbone,
+    /// sk_lookup: opened by a socket in the node's network namespace.
+    ExemptNode,
+    /// sk_lookup: the pod has inbound capture bypassed.
+    ExemptBypass,
+    /// sk_lookup: ztunnel has no (marked) listener for it.
+    DroppedNoListener,
+    /// sk_lookup: an address of the netns that was not there at enrollment.
+    DroppedUnknownAddress,
+}
+
+impl Decision {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Decision::OutboundMarked,
+            2 => Decision::DnsRedirected,
+            3 => Decision::ReplyMarked,
+            4 => Decision::ExemptZtunnel,
+            5 => Decision::ExemptLocal,
+            6 => Decision::ExemptIpv6Off,
+            7 => Decision::ToOutbound,
+            8 => Decision::ToInbound,
+            9 => Decision::ToHbone,
+            10 => Decision::ExemptNode,
+            11 => Decision::ExemptBypass,
+            12 => Decision::DroppedNoListener,
+            13 => Decision::DroppedUnknownAddress,
+            _ => return None,
+        })
+    }
+
+    /// `redirected`, `exempt` or `dropped`.
+    pub const fn verdict(self) -> &'static str {
+        match self {
+            Decision::OutboundMarked
+            | Decision::DnsRedirected
+            | Decision::ReplyMarked
+            | Decision::ToOutbound
+            | Decision::ToInbound
+            | Decision::ToHbone => "redirected",
+            Decision::ExemptZtunnel
+            | Decision::ExemptLocal
+            | Decision::ExemptIpv6Off
+            | Decision::ExemptNode
+            | Decision::ExemptBypass => "exempt",
+            Decision::DroppedNoListener | Decision::DroppedUnknownAddress => "dropped",
+        }
+    }
+
+    /// Why, in a word or three.
+    pub const fn reason(self) -> &'static str {
+        match self {
+            Decision::OutboundMarked => "outbound, routed to ztunnel 15001",
+            Decision::DnsRedirected => "dns, to ztunnel 15053",
+            Decision::ReplyMarked => "ztunnel to app, return path marked",
+            Decision::ToOutbound => "outbound, delivered to ztunnel 15001",
+            Decision::ToInbound => "inbound, delivered to ztunnel 15006",
+            Decision::ToHbone => "hbone, delivered to ztunnel 15008",
+            Decision::ExemptZtunnel => "ztunnel's own socket",
+            Decision::ExemptLocal => "destination inside the pod",
+            Decision::ExemptIpv6Off => "ipv6 capture off",
+            Decision::ExemptNode => "opened by a node process",
+            Decision::ExemptBypass => "inbound capture bypassed",
+            Decision::DroppedNoListener => "no ztunnel listener",
+            Decision::DroppedUnknownAddress => "address unknown at enrollment",
         }
     }
 }

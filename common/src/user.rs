@@ -3,15 +3,20 @@ extern crate std;
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::{Addr, FlowKey, GlobalConfig, OrigDst, PodConfig, SockKey};
+use crate::{
+    Addr, DnsDests, Endpoint, GlobalConfig, ListenerKey, PodAddr, PodConfig, SockKey, TraceEvent,
+};
 
 // SAFETY: all of these are #[repr(C)] plain data with explicit padding, valid for any bit pattern.
 unsafe impl aya::Pod for Addr {}
 unsafe impl aya::Pod for PodConfig {}
-unsafe impl aya::Pod for OrigDst {}
-unsafe impl aya::Pod for FlowKey {}
+unsafe impl aya::Pod for PodAddr {}
+unsafe impl aya::Pod for Endpoint {}
+unsafe impl aya::Pod for ListenerKey {}
+unsafe impl aya::Pod for DnsDests {}
 unsafe impl aya::Pod for SockKey {}
 unsafe impl aya::Pod for GlobalConfig {}
+unsafe impl aya::Pod for TraceEvent {}
 
 impl From<IpAddr> for Addr {
     fn from(ip: IpAddr) -> Self {
@@ -43,28 +48,53 @@ impl From<Addr> for IpAddr {
     }
 }
 
-impl From<OrigDst> for SocketAddr {
-    fn from(o: OrigDst) -> Self {
+impl From<Endpoint> for SocketAddr {
+    fn from(o: Endpoint) -> Self {
         SocketAddr::new(IpAddr::from(o.addr), o.port)
     }
 }
 
+impl From<SocketAddr> for Endpoint {
+    fn from(sa: SocketAddr) -> Self {
+        Endpoint {
+            addr: Addr::from(sa.ip()),
+            port: sa.port(),
+            _pad: 0,
+        }
+    }
+}
+
 impl PodConfig {
-    /// Builds a pod config; at most [`crate::MAX_POD_IPS`] addresses are kept.
+    /// Builds a pod config; at most [`crate::MAX_POD_ADDRS`] addresses are kept.
     pub fn new(flags: u32, ips: &[IpAddr]) -> Self {
         let mut cfg = PodConfig {
             flags,
             ..Default::default()
         };
-        for (slot, ip) in cfg.ips.iter_mut().zip(ips) {
-            *slot = Addr::from(*ip);
-            cfg.ip_count += 1;
+        for ip in ips {
+            cfg.add_ip(*ip);
         }
         cfg
     }
 
+    /// Adds an address of the pod, unless it is known already or there is no room left.
+    /// Returns whether it is known now.
+    pub fn add_ip(&mut self, ip: IpAddr) -> bool {
+        let addr = Addr::from(ip);
+        if self.has_ip(&addr) {
+            return true;
+        }
+        let n = self.ip_count as usize;
+        if n >= crate::MAX_POD_ADDRS {
+            return false;
+        }
+        self.ips[n] = addr;
+        self.ip_count += 1;
+        true
+    }
+
     pub fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.ips[..(self.ip_count as usize).min(crate::MAX_POD_IPS)]
+        self.ips[..(self.ip_count as usize).min(crate::MAX_POD_ADDRS)]
             .iter()
             .map(|a| IpAddr::from(*a))
     }
@@ -113,11 +143,16 @@ mod tests {
     }
 
     #[test]
-    fn pod_config_keeps_at_most_four_ips() {
-        let ips: std::vec::Vec<IpAddr> =
-            (1..=6).map(|i| IpAddr::from([10, 0, 0, i as u8])).collect();
+    fn pod_config_keeps_distinct_addresses_up_to_its_capacity() {
+        let ips: std::vec::Vec<IpAddr> = (1..=10)
+            .chain([1, 2])
+            .map(|i| IpAddr::from([10, 0, 0, i as u8]))
+            .collect();
         let cfg = PodConfig::new(0, &ips);
-        assert_eq!(cfg.ip_count, 4);
-        assert_eq!(cfg.ips().count(), 4);
+        assert_eq!(cfg.ip_count as usize, crate::MAX_POD_ADDRS);
+        assert_eq!(cfg.ips().count(), crate::MAX_POD_ADDRS);
+        let mut cfg = PodConfig::new(0, &ips[..2]);
+        assert!(cfg.add_ip(ips[0]), "a known address is known");
+        assert_eq!(cfg.ip_count, 2, "and not added twice");
     }
 }

@@ -1,28 +1,27 @@
 //! Sluice's eBPF programs. Every program filters to enrolled pod network namespaces first.
 //!
-//! | program            | hook                          | rule                                        |
-//! |--------------------|-------------------------------|---------------------------------------------|
-//! | `sl_connect4/6`    | cgroup connect                | outbound TCP → 15001, DNS TCP/UDP → 15053   |
-//! | `sl_sendmsg4/6`    | cgroup sendmsg (UDP)          | DNS datagrams → 15053                       |
-//! | `sl_recvmsg4/6`    | cgroup recvmsg (UDP)          | DNS replies appear to come from the server  |
-//! | `sl_getpeer4/6`    | cgroup getpeername            | the app sees its original peer              |
-//! | `sl_getsockopt`    | cgroup getsockopt             | SO_ORIGINAL_DST for ztunnel                 |
-//! | `sl_sockops`       | cgroup sockops                | remember flows; feed the acceleration map   |
-//! | `sl_sk_msg`        | sockhash msg verdict          | same-node acceleration                      |
-//! | `sl_pod_ingress`   | TC ingress, pod interfaces    | inbound TCP → 15006 (`bpf_sk_assign`)        |
-//! | `sl_lo_ingress`    | TC ingress, pod `lo`          | mark ztunnel→app SYNs for the return route  |
+//! | program            | hook                          | rule                                          |
+//! |--------------------|-------------------------------|-----------------------------------------------|
+//! | `sl_connect4/6`    | cgroup connect                | outbound TCP marked for 15001; DNS → 15053; ztunnel→app marked for the return path |
+//! | `sl_sendmsg4/6`    | cgroup sendmsg (UDP)          | DNS datagrams → 15053                         |
+//! | `sl_recvmsg4/6`    | cgroup recvmsg (UDP)          | DNS replies appear to come from the server    |
+//! | `sl_getpeer4/6`    | cgroup getpeername            | a DNS socket sees the server it asked         |
+//! | `sl_getsockopt`    | cgroup getsockopt             | SO_ORIGINAL_DST for ztunnel                   |
+//! | `sl_sockops`       | cgroup sockops                | ztunnel's listeners; node connects; acceleration |
+//! | `sl_sk_msg`        | sockhash msg verdict          | same-node acceleration                        |
+//! | `sl_sk_lookup`     | sk_lookup, per pod netns      | which listener gets a new connection (15001, 15006, 15008) |
 #![no_std]
 #![no_main]
 
 mod counters;
 mod maps;
-mod packet;
+mod sk_lookup;
 mod sk_msg;
 mod sock_addr;
 mod sock_tuple;
 mod sockops;
 mod sockopt;
-mod tc;
+mod trace;
 
 #[cfg(not(test))]
 #[panic_handler]

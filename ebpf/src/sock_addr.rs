@@ -1,23 +1,34 @@
 //! cgroup sock_addr programs: the app's side of redirection.
 //!
-//! `connect` sends outbound TCP to ztunnel's 15001 and DNS to 15053 and remembers the original
-//! destination on the socket; `sendmsg` does the same for unconnected DNS datagrams;
-//! `getpeername` and `recvmsg` give the app back the address it asked for.
-use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+//! `connect` marks an app's outbound TCP socket with REPLY_MARK and leaves its destination
+//! alone: the pod's rule and table 100 route it to the pod's `lo`, where `sk_lookup` hands the
+//! SYN to ztunnel's 15001 (TPROXY-like: ztunnel's socket has the original destination as local
+//! address, the app keeps its own 4-tuple per destination). It also marks ztunnel's connections
+//! to the app made from a client's address, for the return path. DNS (TCP and UDP, port 53) is
+//! rewritten to ztunnel's 15053; `getpeername` and `recvmsg` give the app back the server it
+//! asked.
+use core::{
+    ffi::c_void,
+    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
+};
 
 use aya_ebpf::{
-    EbpfContext as _, helpers::generated::bpf_get_netns_cookie, macros::cgroup_sock_addr,
+    EbpfContext as _,
+    bindings::bpf_sock,
+    helpers::generated::{bpf_get_netns_cookie, bpf_setsockopt},
+    macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use sluice_common::{
-    Addr, Counter, DNS_PORT, MARK_MASK, OrigDst, POD_DNS_CAPTURE, POD_NO_IPV6, PORT_DNS,
-    PORT_OUTBOUND, PodConfig, ZTUNNEL_MARK,
+    Addr, Counter, DNS_DESTS as DNS_DESTS_LEN, DNS_PORT, Decision, DnsDests, Endpoint, MARK_MASK,
+    POD_DNS_CAPTURE, POD_NO_IPV6, PORT_DNS, PodConfig, REPLY_MARK, ZTUNNEL_MARK,
 };
 
 use crate::{
     counters::bump,
-    maps::{PODS, SOCK_ORIG},
+    maps::{DNS_DESTS, PODS},
+    trace::{Conn, trace},
 };
 
 /// Let the syscall proceed (with whatever we rewrote).
@@ -28,6 +39,8 @@ const SOCK_DGRAM: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
 const IPPROTO_MPTCP: u32 = 262;
+const SOL_SOCKET: i32 = 1;
+const SO_MARK: i32 = 36;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Family {
@@ -61,7 +74,7 @@ pub fn sl_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sl_recvmsg4(ctx: SockAddrContext) -> i32 {
-    if restore_peer(&ctx, Family::V4) {
+    if restore_dns_peer(&ctx, Family::V4, Take::NextReply) {
         bump(Counter::RecvmsgRewritten);
     }
     PROCEED
@@ -69,7 +82,7 @@ pub fn sl_recvmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn sl_recvmsg6(ctx: SockAddrContext) -> i32 {
-    if restore_peer(&ctx, Family::V6) {
+    if restore_dns_peer(&ctx, Family::V6, Take::NextReply) {
         bump(Counter::RecvmsgRewritten);
     }
     PROCEED
@@ -77,7 +90,7 @@ pub fn sl_recvmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn sl_getpeer4(ctx: SockAddrContext) -> i32 {
-    if restore_peer(&ctx, Family::V4) {
+    if restore_dns_peer(&ctx, Family::V4, Take::Connected) {
         bump(Counter::PeernameRewritten);
     }
     PROCEED
@@ -85,7 +98,7 @@ pub fn sl_getpeer4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn sl_getpeer6(ctx: SockAddrContext) -> i32 {
-    if restore_peer(&ctx, Family::V6) {
+    if restore_dns_peer(&ctx, Family::V6, Take::Connected) {
         bump(Counter::PeernameRewritten);
     }
     PROCEED
@@ -116,19 +129,59 @@ fn transport(ctx: &SockAddrContext) -> Option<Transport> {
     }
 }
 
-/// The enrolled pod this socket lives in, unless the socket is ztunnel's own.
 #[inline(always)]
-fn enrolled_pod(ctx: &SockAddrContext) -> Option<&'static PodConfig> {
-    // SAFETY: helper valid for sock_addr programs.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: read-only use of a map value.
-    let pod = unsafe { PODS.get(netns) }?;
+fn sk(ctx: &SockAddrContext) -> *mut bpf_sock {
     // SAFETY: sock_addr programs always have a socket.
-    let mark = unsafe { read_volatile(addr_of!((*(*ctx.sock_addr).__bindgen_anon_1.sk).mark)) };
-    if mark & MARK_MASK == ZTUNNEL_MARK {
-        return None;
+    unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }
+}
+
+#[inline(always)]
+fn netns(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: helper valid for sock_addr programs.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+/// The socket's mark.
+#[inline(always)]
+fn mark(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: the ctx's socket is a full socket with a readable mark.
+    unsafe { read_volatile(addr_of!((*sk(ctx)).mark)) }
+}
+
+/// The address the socket is bound to (unspecified if none yet), in the family of the hook.
+#[inline(always)]
+fn bound_addr(ctx: &SockAddrContext, family: Family) -> Addr {
+    let sk = sk(ctx);
+    // SAFETY: bpf_sock fields, 4-byte loads.
+    unsafe {
+        match family {
+            Family::V4 => Addr::v4(read_volatile(addr_of!((*sk).src_ip4))),
+            Family::V6 => Addr::v6([
+                read_volatile(addr_of!((*sk).src_ip6[0])),
+                read_volatile(addr_of!((*sk).src_ip6[1])),
+                read_volatile(addr_of!((*sk).src_ip6[2])),
+                read_volatile(addr_of!((*sk).src_ip6[3])),
+            ]),
+        }
     }
-    Some(pod)
+}
+
+/// Sets the socket's mark to REPLY_MARK in our bits, keeping the others. Routing at connect
+/// uses the socket's mark, so this decides where the SYN goes.
+#[inline(always)]
+fn set_reply_mark(ctx: &SockAddrContext, old: u32) -> bool {
+    let mut mark = (old & !MARK_MASK) | REPLY_MARK;
+    // SAFETY: helper contract: a 4-byte option value on the stack.
+    let rc = unsafe {
+        bpf_setsockopt(
+            ctx.as_ptr(),
+            SOL_SOCKET,
+            SO_MARK,
+            addr_of_mut!(mark).cast::<c_void>(),
+            4,
+        )
+    };
+    rc == 0
 }
 
 #[inline(always)]
@@ -172,116 +225,226 @@ fn set_user_addr(ctx: &SockAddrContext, family: Family, addr: &Addr, port: u16) 
     }
 }
 
-/// Where a connection or datagram from an enrolled pod goes, if anywhere but its destination.
+/// What happens to a connection or datagram from an enrolled pod's app.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Left alone, for this reason.
+    Exempt(Decision),
+    /// DNS: sent to ztunnel's 15053 on loopback.
+    Dns,
+    /// Outbound TCP: marked, so that it is routed to ztunnel's 15001.
+    Outbound,
+    /// UDP other than DNS: not captured at all, like upstream.
+    Ignore,
+}
+
 #[inline(always)]
-fn redirect_target(
-    pod: &PodConfig,
-    transport: Transport,
-    dst: &Addr,
-    port: u16,
-) -> Option<(Addr, u16, Counter)> {
-    // Anything that stays on the pod's `lo` is left alone (upstream: `! -d 127.0.0.1 -o lo`).
+fn action(pod: &PodConfig, transport: Transport, dst: &Addr, port: u16) -> Action {
+    // Anything that stays in the pod is left alone (upstream: `! -d 127.0.0.1 -o lo`).
     if dst.is_unspecified() || pod.is_local(dst) {
-        return None;
+        return Action::Exempt(Decision::ExemptLocal);
     }
     if !dst.is_v4() && pod.flags & POD_NO_IPV6 != 0 {
-        return None;
+        return Action::Exempt(Decision::ExemptIpv6Off);
     }
     if port == DNS_PORT && pod.flags & POD_DNS_CAPTURE != 0 {
-        // ztunnel's DNS proxy listens on 127.0.0.1 and ::1 only.
-        let counter = match transport {
-            Transport::Tcp => Counter::DnsTcpRedirected,
-            Transport::Udp => Counter::DnsUdpRedirected,
-        };
-        return Some((dst.loopback_like(), PORT_DNS, counter));
+        return Action::Dns;
     }
     match transport {
-        // Redirecting to the pod IP (rather than 127.0.0.1) keeps what iptables REDIRECT showed
-        // ztunnel: the pod IP as the peer.
-        Transport::Tcp => {
-            let to = pod.first_ip_like(dst).unwrap_or(dst.loopback_like());
-            Some((to, PORT_OUTBOUND, Counter::OutboundRedirected))
-        }
-        Transport::Udp => None,
+        Transport::Tcp => Action::Outbound,
+        Transport::Udp => Action::Ignore,
     }
 }
 
 #[inline(always)]
 fn on_connect(ctx: &SockAddrContext, family: Family) {
-    if let Some(transport) = transport(ctx) {
-        redirect(ctx, family, transport);
+    let Some(transport) = transport(ctx) else {
+        return;
+    };
+    let netns = netns(ctx);
+    // SAFETY: read-only use of a map value.
+    let Some(pod) = (unsafe { PODS.get(netns) }) else {
+        return;
+    };
+    let dst = user_addr(ctx, family);
+    let port = user_port(ctx);
+    let mark = mark(ctx);
+    let conn = || Conn {
+        netns,
+        pod_addr: Addr::default(),
+        src: bound_addr(ctx, family),
+        dst,
+        sport: 0,
+        dport: port,
+        ifindex: 0,
+    };
+    if mark & MARK_MASK == ZTUNNEL_MARK {
+        if transport == Transport::Tcp && is_return_path(ctx, family, pod, &dst) {
+            if set_reply_mark(ctx, mark) {
+                bump(Counter::ReplyMarked);
+            }
+            trace(Decision::ReplyMarked, conn);
+        } else {
+            trace(Decision::ExemptZtunnel, conn);
+        }
+        return;
     }
+    match action(pod, transport, &dst, port) {
+        Action::Exempt(why) => trace(why, conn),
+        Action::Ignore => {}
+        Action::Dns => {
+            remember_connected_dns(ctx, &dst, port);
+            set_user_addr(ctx, family, &dst.loopback_like(), PORT_DNS);
+            bump(match transport {
+                Transport::Tcp => Counter::DnsTcpRedirected,
+                Transport::Udp => Counter::DnsUdpRedirected,
+            });
+            trace(Decision::DnsRedirected, conn);
+        }
+        Action::Outbound => {
+            if set_reply_mark(ctx, mark) {
+                bump(Counter::OutboundRedirected);
+                trace(Decision::OutboundMarked, conn);
+                debug!(ctx, "outbound to port {} marked for ztunnel", port);
+            }
+        }
+    }
+}
+
+/// ztunnel connecting to the app with a client's address as source (bound, IP_TRANSPARENT):
+/// the destination is the pod, the source is not.
+#[inline(always)]
+fn is_return_path(ctx: &SockAddrContext, family: Family, pod: &PodConfig, dst: &Addr) -> bool {
+    if !pod.has_ip(dst) {
+        return false;
+    }
+    let src = bound_addr(ctx, family);
+    !src.is_unspecified() && !pod.is_local(&src)
 }
 
 #[inline(always)]
 fn on_sendmsg(ctx: &SockAddrContext, family: Family) {
-    // Only UDP reaches this hook; TCP DNS is handled at connect.
-    if let Some(Transport::Udp) = transport(ctx) {
-        redirect(ctx, family, Transport::Udp);
+    // Only unconnected UDP sends reach this hook; TCP DNS is handled at connect.
+    if transport(ctx) != Some(Transport::Udp) {
+        return;
     }
-}
-
-/// Rewrites the destination of a connect or sendmsg of an enrolled pod, if it must go to ztunnel.
-#[inline(always)]
-fn redirect(ctx: &SockAddrContext, family: Family, transport: Transport) {
-    let Some(pod) = enrolled_pod(ctx) else { return };
+    let netns = netns(ctx);
+    // SAFETY: read-only use of a map value.
+    let Some(pod) = (unsafe { PODS.get(netns) }) else {
+        return;
+    };
+    if mark(ctx) & MARK_MASK == ZTUNNEL_MARK {
+        return;
+    }
     let dst = user_addr(ctx, family);
     let port = user_port(ctx);
-    if let Some((to, to_port, counter)) = redirect_target(pod, transport, &dst, port) {
-        let orig = OrigDst {
-            addr: dst,
-            port,
-            _pad: 0,
-        };
-        remember_and_rewrite(ctx, family, orig, &to, to_port, counter);
+    if action(pod, Transport::Udp, &dst, port) != Action::Dns {
+        return;
+    }
+    remember_sent_dns(ctx, &dst, port);
+    set_user_addr(ctx, family, &dst.loopback_like(), PORT_DNS);
+    bump(Counter::DnsUdpRedirected);
+    trace(Decision::DnsRedirected, || Conn {
+        netns,
+        pod_addr: Addr::default(),
+        src: Addr::default(),
+        dst,
+        sport: 0,
+        dport: port,
+        ifindex: 0,
+    });
+}
+
+#[inline(always)]
+fn dns_dests(ctx: &SockAddrContext) -> *mut DnsDests {
+    // SAFETY: the helper reads the socket of this context; a new entry starts zeroed.
+    unsafe { DNS_DESTS.get_or_insert_ptr_mut(ctx, None) }
+}
+
+#[inline(always)]
+fn endpoint(addr: &Addr, port: u16) -> Endpoint {
+    Endpoint {
+        addr: *addr,
+        port,
+        _pad: 0,
     }
 }
 
 #[inline(always)]
-fn remember_and_rewrite(
-    ctx: &SockAddrContext,
-    family: Family,
-    mut orig: OrigDst,
-    to: &Addr,
-    to_port: u16,
-    counter: Counter,
-) {
-    // SAFETY: the helper reads the socket of this context.
-    let slot = unsafe { SOCK_ORIG.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
-    if slot.is_null() {
-        // Out of memory for socket storage: still redirect (never leak traffic past ztunnel);
-        // the app would then see ztunnel's address as its peer.
-        bump(Counter::FlowTableFull);
-    } else {
+fn remember_connected_dns(ctx: &SockAddrContext, dst: &Addr, port: u16) {
+    let d = dns_dests(ctx);
+    // Without storage the app would see ztunnel's address as the server; DNS still works.
+    if !d.is_null() {
         // SAFETY: non-null storage of this socket.
-        unsafe { *slot = orig };
+        unsafe { (*d).connected = endpoint(dst, port) };
     }
-    set_user_addr(ctx, family, to, to_port);
-    bump(counter);
-    debug!(
-        ctx,
-        "redirected to port {} (original port {})", to_port, orig.port
-    );
 }
 
-/// For getpeername and recvmsg: if the peer is where we sent this socket, show the original.
+/// Appends to the socket's queue of asked servers, forgetting the oldest when it is full.
 #[inline(always)]
-fn restore_peer(ctx: &SockAddrContext, family: Family) -> bool {
-    let port = user_port(ctx);
-    if port != PORT_OUTBOUND && port != PORT_DNS {
+fn remember_sent_dns(ctx: &SockAddrContext, dst: &Addr, port: u16) {
+    const MASK: u32 = DNS_DESTS_LEN as u32 - 1;
+    let d = dns_dests(ctx);
+    if d.is_null() {
+        return;
+    }
+    // SAFETY: non-null storage of this socket; indexes are masked into the array.
+    unsafe {
+        let d = &mut *d;
+        if d.len as usize >= DNS_DESTS_LEN {
+            d.head = (d.head + 1) & MASK;
+            d.len = DNS_DESTS_LEN as u32 - 1;
+        }
+        let slot = ((d.head + d.len) & MASK) as usize;
+        if slot < DNS_DESTS_LEN {
+            d.sent[slot] = endpoint(dst, port);
+        }
+        d.len += 1;
+    }
+}
+
+/// Which remembered destination a DNS reply or peer name stands for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Take {
+    /// getpeername: the connected destination.
+    Connected,
+    /// recvmsg: the oldest unanswered query's server, else the connected one, else the last.
+    NextReply,
+}
+
+/// For getpeername and recvmsg: if the peer is ztunnel's DNS port, show the server asked.
+#[inline(always)]
+fn restore_dns_peer(ctx: &SockAddrContext, family: Family, take: Take) -> bool {
+    const MASK: u32 = DNS_DESTS_LEN as u32 - 1;
+    if user_port(ctx) != PORT_DNS || !user_addr(ctx, family).is_loopback() {
         return false;
     }
     // SAFETY: the helper reads the socket of this context.
-    let slot = unsafe { SOCK_ORIG.get_ptr_mut(ctx) };
-    if slot.is_null() {
+    let d = unsafe { DNS_DESTS.get_ptr_mut(ctx) };
+    if d.is_null() {
         return false;
     }
-    // SAFETY: non-null storage of this socket.
-    let orig = unsafe { *slot };
-    // A v6 socket may have asked for a v4-mapped address; a v4 socket only for v4.
-    if family == Family::V4 && !orig.addr.is_v4() {
+    // SAFETY: non-null storage of this socket; indexes are masked into the array.
+    let peer = unsafe {
+        let d = &mut *d;
+        let head = (d.head & MASK) as usize;
+        if take == Take::NextReply && d.len > 0 && head < DNS_DESTS_LEN {
+            d.last = d.sent[head];
+            d.head = (d.head + 1) & MASK;
+            d.len -= 1;
+            d.last
+        } else if d.connected.port != 0 {
+            d.connected
+        } else if take == Take::NextReply {
+            d.last
+        } else {
+            return false;
+        }
+    };
+    // A v4 socket can only show a v4 server; a v6 one may have asked a v4-mapped one.
+    if peer.port == 0 || (family == Family::V4 && !peer.addr.is_v4()) {
         return false;
     }
-    set_user_addr(ctx, family, &orig.addr, orig.port);
+    set_user_addr(ctx, family, &peer.addr, peer.port);
     true
 }

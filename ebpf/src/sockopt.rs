@@ -1,5 +1,10 @@
 //! cgroup getsockopt: answers `SO_ORIGINAL_DST` (IPv4) and `IP6T_SO_ORIGINAL_DST` (IPv6) on
-//! ztunnel's accepted sockets, as conntrack would after an iptables REDIRECT.
+//! ztunnel's accepted outbound sockets, as conntrack would after an iptables REDIRECT.
+//!
+//! Stateless: `sk_lookup` hands the app's SYN to ztunnel's 15001 unchanged, so the accepted
+//! socket's local address *is* the original destination. The answer is that address, for a TCP
+//! socket of an enrolled pod whose local address is not the pod's own (only such a delivery
+//! makes one), and only where the kernel itself had none.
 //!
 //! This runs after the kernel's own handler for every getsockopt in the cgroup, so everything
 //! that is not our question returns at once, untouched.
@@ -10,9 +15,9 @@ use aya_ebpf::{
     programs::SockoptContext,
 };
 use aya_log_ebpf::debug;
-use sluice_common::{AF_INET, AF_INET6, Addr, Counter, SockKey};
+use sluice_common::{AF_INET, AF_INET6, Addr, Counter};
 
-use crate::{counters::bump, maps::FLOW_ORIG};
+use crate::{counters::bump, maps::PODS};
 
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
@@ -62,6 +67,11 @@ fn leave_large_buffers_alone(ctx: &SockoptContext) {
 #[inline(always)]
 fn answer_original_dst(ctx: &SockoptContext, want_v6: bool) {
     let so = ctx.sockopt;
+    // SAFETY: 4-byte ctx load.
+    if unsafe { read_volatile(addr_of!((*so).retval)) } == 0 {
+        // The kernel answered (conntrack is in use): that answer stands.
+        return;
+    }
     // SAFETY: getsockopt programs always have a full socket.
     let sk = unsafe { (*so).__bindgen_anon_1.sk };
     if sk.is_null() {
@@ -77,60 +87,42 @@ fn answer_original_dst(ctx: &SockoptContext, want_v6: bool) {
     if protocol != IPPROTO_TCP {
         return;
     }
-    // ztunnel's socket: local = where the app was sent, remote = the app. The flow was recorded
-    // from the app's side, so look it up reversed. Every field is read at a constant offset
-    // (the verifier refuses pointer arithmetic on sockets), then the family picks.
+    // Every field is read at a constant offset (the verifier refuses pointer arithmetic on
+    // sockets), then the family picks.
     // SAFETY: bpf_sock fields are readable.
-    let (src4, dst4, src6, dst6) = unsafe {
+    let (src4, src6) = unsafe {
         (
             read_volatile(addr_of!((*sk).src_ip4)),
-            read_volatile(addr_of!((*sk).dst_ip4)),
             [
                 read_volatile(addr_of!((*sk).src_ip6[0])),
                 read_volatile(addr_of!((*sk).src_ip6[1])),
                 read_volatile(addr_of!((*sk).src_ip6[2])),
                 read_volatile(addr_of!((*sk).src_ip6[3])),
             ],
-            [
-                read_volatile(addr_of!((*sk).dst_ip6[0])),
-                read_volatile(addr_of!((*sk).dst_ip6[1])),
-                read_volatile(addr_of!((*sk).dst_ip6[2])),
-                read_volatile(addr_of!((*sk).dst_ip6[3])),
-            ],
         )
     };
-    let (local, remote) = if family == u32::from(AF_INET) {
-        (Addr::v4(src4), Addr::v4(dst4))
+    let local = if family == u32::from(AF_INET) {
+        Addr::v4(src4)
     } else if family == u32::from(AF_INET6) {
-        (Addr::v6(src6), Addr::v6(dst6))
+        Addr::v6(src6)
     } else {
         return;
     };
-    // SAFETY: src_port is host order, dst_port network order.
-    let (local_port, remote_port) = unsafe {
-        (
-            read_volatile(addr_of!((*sk).src_port)) as u16,
-            u16::from_be(read_volatile(addr_of!((*sk).dst_port))),
-        )
-    };
-    // SAFETY: helper valid for sockopt programs.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let key = SockKey {
-        netns,
-        local: remote,
-        remote: local,
-        local_port: remote_port,
-        remote_port: local_port,
-        _pad: 0,
-    };
-    // SAFETY: read-only map value.
-    let Some(orig) = (unsafe { FLOW_ORIG.get(key) }) else {
-        return;
-    };
     // Like the kernel: the IPv4 option answers IPv4 destinations, the IPv6 option IPv6 ones.
-    if orig.addr.is_v4() == want_v6 {
+    if local.is_v4() == want_v6 {
         return;
     }
+    // SAFETY: helper valid for sockopt programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only map value.
+    let Some(pod) = (unsafe { PODS.get(netns) }) else {
+        return;
+    };
+    if local.is_unspecified() || pod.is_local(&local) {
+        return;
+    }
+    // SAFETY: src_port is host order.
+    let port = unsafe { read_volatile(addr_of!((*sk).src_port)) } as u16;
     // SAFETY: optval..optval_end is the kernel's copy of the caller's buffer.
     unsafe {
         let start = (*so).__bindgen_anon_2.optval as *mut u8;
@@ -143,24 +135,23 @@ fn answer_original_dst(ctx: &SockoptContext, want_v6: bool) {
         if start.add(len) > end {
             return;
         }
-        let port_be = orig.port.to_be();
+        let port_be = port.to_be();
+        let b = start;
         if want_v6 {
             // struct sockaddr_in6 { family, port, flowinfo, addr[16], scope_id }
-            let b = start;
             write_volatile(b as *mut u16, AF_INET6);
             write_volatile(b.add(2) as *mut u16, port_be);
             write_volatile(b.add(4) as *mut u32, 0);
-            write_volatile(b.add(8) as *mut u32, orig.addr.words[0]);
-            write_volatile(b.add(12) as *mut u32, orig.addr.words[1]);
-            write_volatile(b.add(16) as *mut u32, orig.addr.words[2]);
-            write_volatile(b.add(20) as *mut u32, orig.addr.words[3]);
+            write_volatile(b.add(8) as *mut u32, local.words[0]);
+            write_volatile(b.add(12) as *mut u32, local.words[1]);
+            write_volatile(b.add(16) as *mut u32, local.words[2]);
+            write_volatile(b.add(20) as *mut u32, local.words[3]);
             write_volatile(b.add(24) as *mut u32, 0);
         } else {
             // struct sockaddr_in { family, port, addr, zero[8] }
-            let b = start;
             write_volatile(b as *mut u16, AF_INET);
             write_volatile(b.add(2) as *mut u16, port_be);
-            write_volatile(b.add(4) as *mut u32, orig.addr.words[3]);
+            write_volatile(b.add(4) as *mut u32, local.words[3]);
             write_volatile(b.add(8) as *mut u32, 0);
             write_volatile(b.add(12) as *mut u32, 0);
         }
@@ -169,5 +160,5 @@ fn answer_original_dst(ctx: &SockoptContext, want_v6: bool) {
         write_volatile(addr_of_mut!((*so).retval), 0);
     }
     bump(Counter::OrigDstAnswered);
-    debug!(ctx, "SO_ORIGINAL_DST answered: port {}", orig.port);
+    debug!(ctx, "SO_ORIGINAL_DST answered: port {}", port);
 }

@@ -4,7 +4,7 @@
 //!
 //! Dropping the fixture uninstalls the dataplane before the guards remove the namespaces,
 //! the cgroup and the pin directory, so a failing test leaves nothing behind either.
-use std::{collections::HashMap, net::IpAddr, path::Path};
+use std::{collections::HashMap, path::Path};
 
 use anyhow::{Context, Result};
 use sluice_agent::{
@@ -39,8 +39,26 @@ impl DataplaneFixture {
             bpffs,
             testkit: testkit.to_path_buf(),
         };
-        fx.dp = Some(Dataplane::load(&fx.config(accelerate)).context("loading the dataplane")?);
+        fx.dp = Some(fx.load(accelerate).context("loading the dataplane")?);
         Ok(fx)
+    }
+
+    /// Loads the dataplane as an agent running in the topology's node namespace would see it:
+    /// connections opened there are the node's own.
+    fn load(&self, accelerate: bool) -> Result<Dataplane> {
+        let dp = Dataplane::load(&self.config(accelerate))?;
+        dp.set_node_netns(&Netns::open(self.topo.node().path())?)?;
+        Ok(dp)
+    }
+
+    /// Like a restart with another build of the object: the same programs, loaded under
+    /// another object id, take over from the running ones.
+    pub fn reload_as(&mut self, object_id: &str) -> Result<&mut Dataplane> {
+        self.dp = None;
+        let dp = Dataplane::load_as(&self.config(false), object_id)?;
+        dp.set_node_netns(&Netns::open(self.topo.node().path())?)?;
+        self.dp = Some(dp);
+        Ok(self.dp())
     }
 
     pub fn config(&self, accelerate: bool) -> DataplaneConfig {
@@ -56,6 +74,11 @@ impl DataplaneFixture {
         self.dp.as_mut().expect("dataplane loaded")
     }
 
+    /// The dataplane, for use from several threads at once.
+    pub fn dp_shared(&self) -> &Dataplane {
+        self.dp.as_ref().expect("dataplane loaded")
+    }
+
     /// Drops the `Dataplane` (as an agent exiting would): everything stays attached.
     pub fn drop_dataplane(&mut self) {
         self.dp = None;
@@ -64,7 +87,7 @@ impl DataplaneFixture {
     /// Loads the dataplane again (as a restarted agent would).
     pub fn reload(&mut self, accelerate: bool) -> Result<&mut Dataplane> {
         self.dp = None;
-        self.dp = Some(Dataplane::load(&self.config(accelerate))?);
+        self.dp = Some(self.load(accelerate)?);
         Ok(self.dp())
     }
 
@@ -86,15 +109,6 @@ impl DataplaneFixture {
         let ns = Netns::open(self.topo.pod(i).path())?;
         self.dp().unenroll(&ns)?;
         Ok(())
-    }
-
-    /// The node's addresses on every pod link: what kubelet probes come from.
-    pub fn node_addrs(&self) -> Vec<IpAddr> {
-        self.topo
-            .pods()
-            .iter()
-            .flat_map(|p| [IpAddr::from(p.node_ipv4), IpAddr::from(p.node_ipv6)])
-            .collect()
     }
 
     /// An app command server inside pod `i`, in the fixture's cgroup.

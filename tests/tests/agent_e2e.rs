@@ -7,7 +7,7 @@ use sluice_tests::{
     agent_proc::{AgentFixture, HEALTH_PORT, METRICS_PORT, agent_bin},
     harness::{
         BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, cgroup_attached_prog_ids,
-        tcx_ingress_prog_names,
+        sk_lookup_prog_names,
     },
     zds::ZdsPeerOptions,
 };
@@ -257,8 +257,8 @@ fn sigterm_stops_cleanly_and_redirection_stays() {
         .len();
     assert_eq!(
         links,
-        10 + 2,
-        "10 cgroup links and pod0's eth0 and lo, not attached twice"
+        10 + 1,
+        "10 cgroup links and pod0's sk_lookup link, not attached twice"
     );
 }
 
@@ -290,12 +290,10 @@ fn uninstall_leaves_the_node_as_it_found_it() {
     }
     for i in 0..2 {
         let pod = fx.topo.pod(i);
-        for dev in ["eth0", "lo"] {
-            assert!(
-                tcx_ingress_prog_names(pod.path(), dev).unwrap().is_empty(),
-                "tc on pod{i} {dev}"
-            );
-        }
+        assert!(
+            sk_lookup_prog_names(pod.path()).unwrap().is_empty(),
+            "sk_lookup in pod{i}"
+        );
         for family in ["-4", "-6"] {
             assert!(
                 !pod.netns.ip(&[family, "rule"]).unwrap().contains("0x111"),
@@ -309,13 +307,17 @@ fn uninstall_leaves_the_node_as_it_found_it() {
                     .is_empty()
             );
         }
-        assert_eq!(
-            pod.netns
-                .read_sysctl("net.ipv4.tcp_fwmark_accept")
-                .unwrap()
-                .trim(),
-            "0"
-        );
+        for sysctl in [
+            "net.ipv4.tcp_fwmark_accept",
+            "net.ipv4.fwmark_reflect",
+            "net.ipv6.fwmark_reflect",
+        ] {
+            assert_eq!(
+                pod.netns.read_sysctl(sysctl).unwrap().trim(),
+                "0",
+                "{sysctl} in pod{i}"
+            );
+        }
     }
     for path in [
         &fx.agent.paths.control,
@@ -398,9 +400,7 @@ fn restart_finishes_interrupted_operations() {
     assert_eq!(enrolled_uids(&fx), [uid(0)]);
     let pod1 = fx.topo.pod(1);
     assert!(
-        tcx_ingress_prog_names(pod1.path(), "eth0")
-            .unwrap()
-            .is_empty(),
+        sk_lookup_prog_names(pod1.path()).unwrap().is_empty(),
         "unenrollment finished"
     );
     assert!(!pod1.netns.ip(&["rule"]).unwrap().contains("0x111"));
@@ -409,13 +409,13 @@ fn restart_finishes_interrupted_operations() {
         2,
         "pod0, and pod2 left redirected (fail closed) without a record"
     );
-    // The retried enroll of pod2 adopts it: one record, one dataplane entry, one TC program.
+    // The retried enroll of pod2 adopts it: one record, one dataplane entry, one sk_lookup link.
     fx.enroll(2, &["--wait-ms", "0"]).unwrap();
     assert_eq!(enrolled_uids(&fx), [uid(0), uid(2)]);
     assert_eq!(map_used(&fx, "SL_PODS"), 2);
     assert_eq!(
-        tcx_ingress_prog_names(fx.topo.pod(2).path(), "eth0").unwrap(),
-        ["sl_pod_ingress"]
+        sk_lookup_prog_names(fx.topo.pod(2).path()).unwrap(),
+        ["sl_sk_lookup"]
     );
 }
 
@@ -482,4 +482,105 @@ fn a_pod_whose_netns_cannot_be_opened_is_kept_through_a_restart() {
     );
     assert_eq!(t.entries()[0].uid.as_deref(), Some(uid(0).as_str()));
     drop(holder);
+}
+
+/// Issue point 15: `sluice-agent trace --pod NS/NAME` streams that pod's live decisions; the
+/// programs write them only while a trace client is attached (the flag in SL_CONFIG).
+#[test]
+fn trace_streams_a_pods_decisions_only_while_someone_watches() {
+    let Some(fx) = fixture(2, &[]) else { return };
+    let _peer = fx.zds_peer(&ZdsPeerOptions::default()).unwrap();
+    fx.enroll(0, &[]).unwrap();
+    fx.enroll(1, &[]).unwrap();
+    let server = fx.app(1).unwrap();
+    server.listen(8080).unwrap();
+    let client = fx.app(0).unwrap();
+    assert!(!tracing_on(&fx), "nobody traces yet");
+
+    let mut trace = std::process::Command::new(agent_bin())
+        .arg("--control-socket")
+        .arg(&fx.agent.paths.control)
+        .args(["trace", "--pod", "default/pod0", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = trace.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + WAIT;
+    while !tracing_on(&fx) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tracing never turned on"
+        );
+        // The flag lives in a map: nothing to wait on but the map itself.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let dst = sa(fx.topo.pod(1).ipv4, 8080);
+    client.connect(dst, None).unwrap().ensure_ok().unwrap();
+    let mut seen = Vec::new();
+    let wanted = |v: &Value| {
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("outbound, delivered"))
+    };
+    while !seen.iter().any(wanted) {
+        let line = lines
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("no outbound decision traced: {seen:?}"));
+        assert_eq!(line["pod"], "default/pod0", "only pod0's decisions: {line}");
+        seen.push(line);
+    }
+    let delivered = seen.iter().find(|v| wanted(v)).unwrap();
+    assert_eq!(delivered["verdict"], "redirected");
+    assert_eq!(delivered["dst"], dst.to_string());
+    // The connect that marked it was traced too, before.
+    assert!(
+        seen.iter()
+            .any(|v| v["reason"] == "outbound, routed to ztunnel 15001")
+    );
+
+    trace.kill().unwrap();
+    let _ = trace.wait();
+    let deadline = std::time::Instant::now() + WAIT;
+    while tracing_on(&fx) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tracing stayed on without a client"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether the programs are told to trace: `GLOBAL_TRACE` in SL_CONFIG, read with bpftool.
+fn tracing_on(fx: &AgentFixture) -> bool {
+    let pin = fx
+        .bpffs
+        .path()
+        .join(format!("maps-v{}", sluice_common::MAP_ABI))
+        .join("SL_CONFIG");
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&pin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = dump[0]["value"][0].as_str().unwrap();
+    let flags = u8::from_str_radix(first.trim_start_matches("0x"), 16).unwrap();
+    u32::from(flags) & sluice_common::GLOBAL_TRACE != 0
 }

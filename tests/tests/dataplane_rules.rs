@@ -130,8 +130,8 @@ fn outbound_tcp_goes_to_ztunnel_with_its_original_destination() {
         );
         assert_eq!(
             addr(&ev["local"]),
-            sa(src, 15001),
-            "landed on the pod IP, port 15001"
+            sa(dst, 8080),
+            "TPROXY-like: ztunnel's socket has the original destination as local address"
         );
         // The server was reached by ztunnel's own connection, from the pod.
         let seen = r.banner_peer().unwrap();
@@ -284,10 +284,12 @@ fn marked_loopback_and_own_address_traffic_is_untouched() {
     assert_no_event(&peer, "outbound");
 }
 
-/// Row 3: kubelet probes (from this node's own addresses) reach the app directly; the same
-/// connection from the node is redirected when its address is not registered as the node's.
+/// Issue point 1: only connections opened by the node's own sockets are exempt. A process in
+/// the node namespace (kubelet) reaches the app directly and the app sees its real address;
+/// traffic merely masqueraded to the node's address on its way through the node (kube-proxy's
+/// MASQUERADE for NodePort, here an iptables rule in the test's own node namespace) is captured.
 #[test]
-fn health_probes_from_the_node_are_untouched() {
+fn only_the_nodes_own_connections_are_exempt_from_inbound_capture() {
     let Some(mut fx) = fixture(2, false) else {
         return;
     };
@@ -296,23 +298,64 @@ fn health_probes_from_the_node_are_untouched() {
     let server = fx.app(1).unwrap();
     server.listen(8080).unwrap();
     let kubelet = fx.node_app().unwrap();
-    let pod1 = fx.pod(1).ips();
-
-    for dst in pod1 {
-        kubelet
-            .connect(sa(dst, 8080), None)
+    let outside = fx.app(0).unwrap();
+    let pod1 = fx.pod(1);
+    let node = fx.topo.node();
+    for (cmd, node_addr) in [
+        ("iptables", IpAddr::from(pod1.node_ipv4)),
+        ("ip6tables", IpAddr::from(pod1.node_ipv6)),
+    ] {
+        node.run(|| {
+            let st = std::process::Command::new(cmd)
+                .args([
+                    "-t",
+                    "nat",
+                    "-A",
+                    "POSTROUTING",
+                    "-o",
+                    &pod1.node_ifname,
+                    "-j",
+                    "MASQUERADE",
+                ])
+                .status()
+                .unwrap();
+            assert!(st.success(), "{cmd} MASQUERADE");
+        })
+        .unwrap();
+        let dst = if node_addr.is_ipv4() {
+            pod1.ips()[0]
+        } else {
+            pod1.ips()[1]
+        };
+        // kubelet: straight to the app, which sees the node's address and kubelet's own port.
+        let r = kubelet.connect(sa(dst, 8080), None).unwrap();
+        assert_direct(&r);
+        assert_eq!(r.banner_peer().unwrap().ip(), node_addr);
+        // Forwarded and masqueraded: it carries the node's address, and goes to ztunnel.
+        let r = outside.connect(sa(dst, 8080), Some("ping")).unwrap();
+        r.ensure_ok().unwrap();
+        let ev = peer
+            .wait_event(is("inbound", "orig_dst", sa(dst, 8080)), WAIT)
+            .unwrap();
+        assert_eq!(
+            addr(&ev["peer"]).ip(),
+            node_addr,
+            "masqueraded to the node's address: {ev}"
+        );
+        assert_eq!(r.echo.as_deref(), Some("ping"));
+    }
+    let counters = fx.dp().counters();
+    assert!(count(&counters, Counter::NodeExempt) >= 2, "{counters:?}");
+    assert_eq!(
+        fx.dp()
+            .map_fill()
+            .iter()
+            .find(|m| m.name == "SL_NODE_CONNS")
             .unwrap()
-            .ensure_ok()
-            .unwrap();
-        peer.wait_event(is("inbound", "orig_dst", sa(dst, 8080)), WAIT)
-            .unwrap();
-    }
-    let node_addrs = fx.node_addrs();
-    fx.dp().set_host_addrs(&node_addrs).unwrap();
-    for dst in pod1 {
-        assert_direct(&kubelet.connect(sa(dst, 8080), None).unwrap());
-    }
-    assert_no_event(&peer, "inbound");
+            .used,
+        0,
+        "the node's connects are forgotten once established"
+    );
 }
 
 /// Row 4: DNS over UDP (connected or not) and TCP goes to 15053; replies appear to come from
@@ -341,8 +384,9 @@ fn dns_goes_to_ztunnel_and_replies_come_from_the_server() {
         let r = app.dns_tcp(server).unwrap();
         assert!(r.ok && r.valid, "{r:?}");
         assert_eq!(r.peername, Some(server));
-        peer.wait_event(is("dns_tcp", "orig_dst", server), WAIT)
-            .unwrap();
+        let ev = peer.wait_event(|e| e["event"] == "dns_tcp", WAIT).unwrap();
+        assert_eq!(addr(&ev["local"]).port(), 15053);
+        assert_eq!(Some(addr(&ev["peer"])), r.sockname, "{ev}");
     }
 }
 
@@ -446,8 +490,9 @@ fn ipv6_capture_can_be_switched_off() {
 }
 
 /// Row 7: pods that are not enrolled, and the node, are never affected; unenrolling restores
-/// plain behaviour for new connections; connections that existed before enrolling, and those
-/// made through ztunnel, survive enrolling and unenrolling.
+/// plain behaviour for new connections; connections that existed before enrolling survive
+/// enrolling and unenrolling. A connection made through ztunnel ends with unenrolling (its
+/// app socket's route to ztunnel is gone, as ztunnel lets go of the pod): at once, with a reset.
 #[test]
 fn enrollment_is_per_pod_and_reversible_without_breaking_connections() {
     let Some(mut fx) = fixture(3, false) else {
@@ -491,13 +536,15 @@ fn enrollment_is_per_pod_and_reversible_without_breaking_connections() {
     }
 
     fx.unenroll(0).unwrap();
-    for (who, id) in [(&app0, "out"), (&app2, "in"), (&app0, "via")] {
+    for (who, id) in [(&app0, "out"), (&app2, "in")] {
         assert_eq!(
             who.ping(id, "after").unwrap().echo.as_deref(),
             Some("after"),
             "{id}"
         );
     }
+    let via = app0.ping("via", "after").unwrap();
+    assert_eq!(via.errno, Some(libc::ECONNRESET), "{via:?}");
     for dst in pod1 {
         assert_direct(&app0.connect(sa(dst, 8080), None).unwrap());
     }
@@ -505,10 +552,10 @@ fn enrollment_is_per_pod_and_reversible_without_breaking_connections() {
         assert_direct(&app2.connect(sa(dst, 8080), None).unwrap());
     }
     assert_no_event(&peer, "inbound");
-    // And it is really gone from the pod: no TC program, no reply rule, sysctl restored.
+    // And it is really gone from the pod: no sk_lookup program, no reply rule, sysctls restored.
     let p0 = fx.pod(0);
     assert!(
-        sluice_tests::harness::tcx_ingress_prog_names(p0.path(), "eth0")
+        sluice_tests::harness::sk_lookup_prog_names(p0.path())
             .unwrap()
             .is_empty()
     );

@@ -17,6 +17,12 @@ pub enum Request {
     /// Stop the agent gracefully (as SIGTERM does); redirection stays in place.
     Shutdown,
     Ping,
+    /// Stream redirect decisions (of one pod, `namespace/name`, if given): one `ok` response,
+    /// then one JSON object per line (`crate::trace::TraceLine`) until the client hangs up.
+    Trace {
+        #[serde(default)]
+        pod: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

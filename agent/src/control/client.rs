@@ -51,3 +51,39 @@ pub fn call(
         ))
     }
 }
+
+/// Sends a streaming request (`trace`) and hands each line after the `ok` response to
+/// `on_line` until the agent closes the stream or `on_line` returns false.
+pub fn stream(
+    path: &Path,
+    req: &Request,
+    mut on_line: impl FnMut(serde_json::Value) -> bool,
+) -> Result<(), ClientError> {
+    let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    (&stream).write_all(&line)?;
+    let mut reader = BufReader::new(&stream);
+    let mut answer = String::new();
+    if reader.read_line(&mut answer)? == 0 {
+        return Err(ClientError::NoAnswer);
+    }
+    let resp: Response = serde_json::from_str(&answer)?;
+    if !resp.ok {
+        return Err(ClientError::Refused(
+            resp.error.unwrap_or_else(|| "unknown error".into()),
+        ));
+    }
+    loop {
+        answer.clear();
+        if reader.read_line(&mut answer)? == 0 {
+            return Ok(());
+        }
+        if !on_line(serde_json::from_str(&answer)?) {
+            return Ok(());
+        }
+    }
+}

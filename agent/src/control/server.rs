@@ -93,6 +93,11 @@ async fn serve(stream: UnixStream, agent: Arc<Agent>, stop: watch::Sender<bool>)
             }
         }
         let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Trace { pod }) => {
+                // The connection becomes a stream; it ends when the client hangs up.
+                trace(pod, &agent, lines, &mut write).await;
+                return;
+            }
             Ok(req) => handle(req, &agent, &stop).await,
             Err(e) => {
                 agent.metrics.error("control_request");
@@ -127,6 +132,63 @@ async fn handle(req: Request, agent: &Arc<Agent>, stop: &watch::Sender<bool>) ->
             Response::ok(())
         }
         Request::Ping => Response::ok("pong"),
+        Request::Trace { .. } => Response::err("trace streams; it is handled by serve"),
+    }
+}
+
+/// Streams decisions to the client until it hangs up (or the agent stops).
+async fn trace(
+    pod: Option<String>,
+    agent: &Arc<Agent>,
+    mut from_client: BufReader<tokio::net::unix::OwnedReadHalf>,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) {
+    let mut names = crate::trace::PodNames::new(Arc::clone(agent));
+    if let Some(p) = &pod
+        && !names.knows(p)
+    {
+        let _ = reply(write, &Response::err(format!("no enrolled pod {p}"))).await;
+        return;
+    }
+    let mut sub = match crate::trace::subscribe(agent.dataplane()) {
+        Ok(sub) => sub,
+        Err(e) => {
+            let _ = reply(write, &Response::err(format!("cannot trace: {e}"))).await;
+            return;
+        }
+    };
+    if reply(write, &Response::ok(serde_json::json!({ "pod": pod })))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut ignored = Vec::new();
+    loop {
+        tokio::select! {
+            // Anything from the client, or its hanging up, ends the stream.
+            _ = from_client.read_until(b'\n', &mut ignored) => return,
+            rec = sub.rx.recv() => {
+                let record = match rec {
+                    Ok(r) => r,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        debug!(missed = n, "a trace client fell behind");
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                let name = names.name(&record);
+                if pod.is_some() && name != pod {
+                    continue;
+                }
+                let line = crate::trace::TraceLine { pod: name, record };
+                let Ok(mut bytes) = serde_json::to_vec(&line) else { continue };
+                bytes.push(b'\n');
+                if write.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
 

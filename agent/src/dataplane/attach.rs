@@ -1,8 +1,8 @@
 //! Getting the programs into the kernel: loading (verifier), and attaching with links that are
-//! pinned (cgroup programs, TC programs inside a pod) or owned by a pinned map (sk_msg).
+//! pinned (cgroup programs, each pod's sk_lookup link) or owned by a pinned map (sk_msg).
 use std::{
     fs::File,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::Path,
 };
 
@@ -16,7 +16,7 @@ use tracing::info;
 
 use super::{
     Error,
-    bpf_sys::{self, BPF_TCX_INGRESS, link_create, obj_pin},
+    bpf_sys::{self, BPF_SK_LOOKUP, link_create, obj_pin},
     error::io_err,
     object::CGROUP_PROGRAMS,
     pins::{self, PinLayout},
@@ -50,11 +50,7 @@ pub(super) fn static_name(name: &str) -> &'static str {
         progs::GETSOCKOPT,
         progs::SOCKOPS,
         progs::SK_MSG,
-        progs::TC_POD_INGRESS,
-        progs::TC_POD_INGRESS_L3,
-        progs::TC_POD_INGRESS_V4,
-        progs::TC_POD_INGRESS_V4_L3,
-        progs::TC_LO_INGRESS,
+        progs::SK_LOOKUP,
     ]
     .into_iter()
     .find(|p| *p == name)
@@ -67,7 +63,7 @@ pub(super) fn load_program(program: &mut Program) -> Result<(), aya::programs::P
         Program::CgroupSockopt(p) => p.load(),
         Program::SockOps(p) => p.load(),
         Program::SkMsg(p) => p.load(),
-        Program::SchedClassifier(p) => p.load(),
+        Program::SkLookup(p) => p.load(),
         _ => Ok(()),
     }
 }
@@ -83,7 +79,7 @@ pub(super) fn take_map<V: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     V::try_from(map).map_err(|source| Error::Map { name, source })
 }
 
-/// Attaches (or adopts) this build's cgroup programs, then detaches other builds'.
+/// Attaches (or adopts) this build's cgroup programs. Returns whether all were there already.
 pub(super) fn attach_cgroup_programs(
     ebpf: &Ebpf,
     layout: &PinLayout,
@@ -108,17 +104,63 @@ pub(super) fn attach_cgroup_programs(
         let _ = std::fs::remove_file(&pin);
         obj_pin(link.as_fd(), &pin).map_err(io_err(format!("pinning {}", pin.display())))?;
     }
-    for entry in std::fs::read_dir(layout.cgroup_dir())
-        .map_err(io_err("listing cgroup links"))?
+    Ok(adopted)
+}
+
+/// The sk_lookup program every pod's link points at: the one this build pinned before (an
+/// agent restart), else the one just loaded, pinned now. With its kernel id.
+pub(super) fn sk_lookup_program(
+    ebpf: &Ebpf,
+    layout: &PinLayout,
+    object_id: &str,
+) -> Result<(OwnedFd, u32), Error> {
+    let dir = layout.progs(object_id);
+    std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let pin = dir.join(progs::SK_LOOKUP);
+    let fd = match bpf_sys::obj_get(&pin) {
+        Ok(fd) => fd,
+        Err(_) => {
+            let fd = program_fd(ebpf, progs::SK_LOOKUP)?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io_err("duplicating the sk_lookup program fd"))?;
+            let _ = std::fs::remove_file(&pin);
+            obj_pin(fd.as_fd(), &pin).map_err(io_err(format!("pinning {}", pin.display())))?;
+            fd
+        }
+    };
+    let id = bpf_sys::prog_id(fd.as_fd()).map_err(io_err("reading the sk_lookup program id"))?;
+    Ok((fd, id))
+}
+
+/// Detaches and removes what other builds attached and pinned (their cgroup links, their
+/// programs), and maps of other layouts, once this build's are in place.
+pub(super) fn remove_other_builds(layout: &PinLayout, object_id: &str) -> Result<(), Error> {
+    for dir in [layout.cgroup_dir(), layout.progs_dir()] {
+        for entry in std::fs::read_dir(&dir)
+            .map_err(io_err(format!("listing {}", dir.display())))?
+            .flatten()
+        {
+            if entry.file_name() != *object_id {
+                info!(build = ?entry.file_name(), "replacing the programs of another build");
+                pins::detach_and_remove(&entry.path())
+                    .map_err(io_err(format!("removing {}", entry.path().display())))?;
+            }
+        }
+    }
+    let ours = layout.maps();
+    for entry in std::fs::read_dir(layout.root())
+        .map_err(io_err("listing the pin root"))?
         .flatten()
     {
-        if entry.file_name() != *object_id {
-            info!(build = ?entry.file_name(), "replacing the cgroup programs of another build");
-            pins::detach_and_remove(&entry.path())
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with("maps-v") && entry.path() != ours {
+            info!(maps = ?name, "removing maps of another layout");
+            pins::remove_tree(&entry.path())
                 .map_err(io_err(format!("removing {}", entry.path().display())))?;
         }
     }
-    Ok(adopted)
+    Ok(())
 }
 
 /// Attaches the acceleration program to the sockhash. The attachment belongs to the (pinned)
@@ -159,20 +201,14 @@ pub(super) fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), Error> {
     Ok(())
 }
 
-/// Attaches a TC ingress program to `ifindex` (in the calling thread's netns) with TCX and pins
-/// the link in `pod_dir`.
-pub(super) fn attach_tc(prog: BorrowedFd<'_>, ifindex: u32, pod_dir: &Path) -> Result<(), Error> {
-    let link = link_create(prog, ifindex, BPF_TCX_INGRESS).map_err(|e| {
-        let hint = if e.raw_os_error() == Some(libc::EINVAL) {
-            " (TCX needs kernel ≥ 6.6)"
-        } else {
-            ""
-        };
-        Error::Io {
-            what: format!("attaching TC ingress to ifindex {ifindex}{hint}"),
-            source: e,
-        }
-    })?;
-    let pin = pod_dir.join(format!("tc-{ifindex}"));
-    obj_pin(link.as_fd(), &pin).map_err(io_err(format!("pinning {}", pin.display())))
+/// Attaches `prog` as the netns `netns`'s sk_lookup program (after any already there) and pins
+/// the link at `pin`. No RCU grace period is waited for, unlike TC links.
+pub(super) fn attach_sk_lookup(
+    prog: BorrowedFd<'_>,
+    netns: BorrowedFd<'_>,
+    pin: &Path,
+) -> Result<(), Error> {
+    let link = link_create(prog, netns.as_raw_fd() as u32, BPF_SK_LOOKUP)
+        .map_err(io_err("attaching sk_lookup to the pod netns"))?;
+    obj_pin(link.as_fd(), pin).map_err(io_err(format!("pinning {}", pin.display())))
 }

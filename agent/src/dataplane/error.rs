@@ -17,8 +17,24 @@ pub enum Error {
     TooManyIps(usize),
     #[error("network namespace {0} vanished during enrollment")]
     NetnsVanished(PathBuf),
-    #[error("network namespace {0} has no loopback interface")]
-    NoLoopback(PathBuf),
+    #[error(
+        "refusing to enroll {0}: it is the node's network namespace (its connections are the \
+         ones exempt from capture)"
+    )]
+    NodeNetns(PathBuf),
+    #[error("refusing to enroll {0}: it is the agent's own network namespace")]
+    AgentNetns(PathBuf),
+    #[error("network namespace {0} is being enrolled or unenrolled by another request")]
+    Busy(PathBuf),
+    #[error(
+        "this kernel ({kernel}) cannot load {what}: it needs {needs}; the kernel said: {source}"
+    )]
+    Unsupported {
+        what: &'static str,
+        needs: String,
+        kernel: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
@@ -40,10 +56,6 @@ pub(super) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error
     move |source| Error::Io { what, source }
 }
 
-pub(super) fn is_not_found(e: &aya::maps::MapError) -> bool {
-    match e {
-        aya::maps::MapError::KeyNotFound => true,
-        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
-    }
+pub(super) fn is_enoent(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOENT)
 }

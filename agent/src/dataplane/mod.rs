@@ -2,30 +2,45 @@
 //! namespaces so that their traffic goes through ztunnel exactly as upstream's in-pod iptables
 //! rules would send it.
 //!
+//! Everything but one link per pod is attached once, at the cgroup level. A pod gets: three
+//! sysctls, a rule and a route per family, its `sk_lookup` link, and map entries. Enrollments
+//! are independent of each other: `Dataplane` is `Sync` and its methods take `&self`, so several
+//! threads may enroll at once (the kernel serialises each map update by itself).
+//!
 //! Lifecycle: `Dataplane::load` adopts what a previous agent pinned (or attaches it the first
-//! time); `enroll`/`unenroll` act on a live namespace whose processes keep running. Everything
-//! attached is pinned, so redirection keeps working while no agent runs.
+//! time; a new build takes over running pods in place); `enroll`/`unenroll` act on a live
+//! namespace whose processes keep running. Everything attached is pinned, so redirection keeps
+//! working while no agent runs.
 mod attach;
+mod blackhole;
 pub mod bpf_sys;
 mod cgroup;
 mod error;
+pub mod features;
+mod listeners;
 mod object;
 mod pins;
 pub mod pod_net;
+mod table;
+pub mod trace;
 
 use std::{
+    collections::HashSet,
     net::IpAddr,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard},
+    time::Instant,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, SockHash},
+    maps::{MapData, PerCpuArray},
 };
 use sluice_common::{
-    Addr, Counter, GLOBAL_ACCELERATE, GlobalConfig, MAX_POD_IPS, OrigDst, POD_BYPASS_INBOUND,
-    POD_DNS_CAPTURE, POD_NO_IPV6, PodConfig, SockKey, maps, progs,
+    Addr, Counter, Endpoint, GLOBAL_ACCELERATE, GLOBAL_TRACE, GlobalConfig, ListenerKey,
+    MAX_POD_IPS, POD_BYPASS_INBOUND, POD_DNS_CAPTURE, POD_NO_IPV6, PodAddr, PodConfig, SockKey,
+    maps, progs,
 };
 use tracing::{debug, info, warn};
 
@@ -34,13 +49,16 @@ pub use error::Error;
 pub use object::object_id;
 pub use pins::PinLayout;
 
-use crate::netns::Netns;
+use crate::netns::{Netns, current_cookie};
 use attach::{
-    attach_cgroup_programs, attach_sk_msg, attach_tc, load_program, static_name, take_map,
+    attach_cgroup_programs, attach_sk_lookup, attach_sk_msg, load_program, remove_other_builds,
+    sk_lookup_program, static_name, take_map,
 };
-use error::{io_err, is_not_found};
+use error::io_err;
 use object::OBJECT;
-use pod_net::InterfaceKind;
+use pod_net::{ReplySources, Sysctls};
+use table::Table;
+pub use trace::{TraceReader, TraceRecord};
 
 /// Where the dataplane pins its state and which cgroup its programs watch.
 #[derive(Debug, Clone)]
@@ -53,7 +71,7 @@ pub struct DataplaneConfig {
     /// Short-circuit app↔ztunnel bytes with sockmap (see `ebpf/src/sk_msg.rs`).
     pub accelerate: bool,
     /// Let the eBPF programs log (aya-log, at debug level). Fixed when programs are loaded:
-    /// adopted programs keep the setting they were loaded with.
+    /// without it the verifier drops the log calls. Adopted programs keep their setting.
     pub ebpf_debug_log: bool,
 }
 
@@ -90,11 +108,11 @@ pub struct MapFill {
 /// One pinned link, as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LinkStatus {
-    /// The pin's name: the program (cgroup links) or `tc-<ifindex>` (pod links).
+    /// The pin's name: the program (cgroup links) or `sk_lookup` (pod links).
     pub pin: String,
     pub link_id: u32,
     pub prog_id: u32,
-    /// `cgroup`, `tcx`, or the kernel's link type number.
+    /// `cgroup`, `netns`, or the kernel's link type number.
     pub kind: String,
     /// For pod links: the netns cookie.
     pub netns_cookie: Option<u64>,
@@ -103,7 +121,7 @@ pub struct LinkStatus {
 /// Points inside `enroll`, for tests that make the world change mid-way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnrollStage {
-    /// Pod netns configured and TC programs attached; not yet published to the map.
+    /// Pod netns configured and its sk_lookup link attached; not yet published to the map.
     Attached,
 }
 
@@ -111,14 +129,30 @@ pub enum EnrollStage {
 pub struct Dataplane {
     layout: PinLayout,
     object_id: String,
-    ebpf: Ebpf,
-    pods: BpfHashMap<MapData, u64, PodConfig>,
-    host_addrs: BpfHashMap<MapData, Addr, u8>,
-    config: Array<MapData, GlobalConfig>,
+    /// Keeps this load's programs in the kernel while they may be attached from here.
+    _ebpf: Mutex<Ebpf>,
+    loggers: Mutex<Vec<aya_log::EbpfLogger<&'static dyn log::Log>>>,
+    /// The sk_lookup program pods' links point at, and its id.
+    sk_lookup: OwnedFd,
+    sk_lookup_id: u32,
+    pods: Table<u64, PodConfig>,
+    pod_addrs: Table<Addr, PodAddr>,
+    listeners: Table<ListenerKey, u32>,
+    node_conns: Table<Endpoint, u8>,
+    return_conns: Table<SockKey, u8>,
+    socks: Table<SockKey, u64>,
+    no_accel: Table<SockKey, u8>,
+    config_map: Table<u32, GlobalConfig>,
+    /// What `config_map` holds; changed under this lock (read-modify-write of one entry).
+    config: Mutex<GlobalConfig>,
     counters: PerCpuArray<MapData, u64>,
-    flows: BpfHashMap<MapData, SockKey, OrigDst>,
-    socks: SockHash<MapData, SockKey>,
-    no_accel: BpfHashMap<MapData, SockKey, u8>,
+    /// This process's netns cookie: never enrolled.
+    agent_netns: u64,
+    /// Where inbound SYNs without a ztunnel listener go to be dropped silently, per family
+    /// (none if it could not be made: they are then dropped with a reset).
+    _black_holes: Vec<blackhole::BlackHole>,
+    /// Netns cookies being enrolled or unenrolled right now.
+    busy: Mutex<HashSet<u64>>,
     adopted: bool,
     hook: Option<Box<dyn Fn(EnrollStage) + Send + Sync>>,
 }
@@ -132,56 +166,166 @@ impl std::fmt::Debug for Dataplane {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Marks a netns cookie busy for the life of the guard.
+struct BusyGuard<'a> {
+    set: &'a Mutex<HashSet<u64>>,
+    cookie: u64,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.cookie);
+    }
+}
+
 impl Dataplane {
     /// Loads the embedded eBPF object, adopting pinned maps and links of a previous agent, or
-    /// attaching them the first time. Links of another build of the object are replaced after
-    /// this build's are attached, so there is no moment without redirection.
+    /// attaching them the first time. A new build attaches its cgroup programs, moves every
+    /// pod's sk_lookup link to its own program in place (`BPF_LINK_UPDATE`), and only then
+    /// removes the old build's: there is no moment without redirection.
     pub fn load(cfg: &DataplaneConfig) -> Result<Self, Error> {
+        Self::load_as(cfg, &object_id())
+    }
+
+    #[doc(hidden)]
+    /// `load`, naming this build `object_id` (tests use it to stand for another build of the
+    /// same object).
+    pub fn load_as(cfg: &DataplaneConfig, object_id: &str) -> Result<Self, Error> {
         let layout = PinLayout::new(&cfg.pin_root);
         layout.create().map_err(io_err(format!(
             "preparing pin directory {}",
             cfg.pin_root.display()
         )))?;
+        // Off: the verifier removes every log call. Debug: they cost a ring buffer write each.
+        let log_level: u8 = if cfg.ebpf_debug_log {
+            aya_log::Level::Debug as u8
+        } else {
+            0
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(layout.maps())
-            .load(OBJECT)?;
+            .override_global(aya_log::LEVEL, &log_level, true)
+            .load(OBJECT)
+            .map_err(|e| Error::Unsupported {
+                what: "the eBPF object's maps",
+                needs: features::describe(features::MAPS),
+                kernel: features::kernel_release(),
+                source: Box::new(e),
+            })?;
         for (name, program) in ebpf.programs_mut() {
-            load_program(program).map_err(|source| Error::Program {
-                name: static_name(name),
-                source,
+            load_program(program).map_err(|source| {
+                let name = static_name(name);
+                Error::Unsupported {
+                    what: name,
+                    needs: features::describe(features::of_program(name)),
+                    kernel: features::kernel_release(),
+                    source: Box::new(source),
+                }
             })?;
         }
-        let object_id = object_id();
-        let adopted = attach_cgroup_programs(&ebpf, &layout, &object_id, &cfg.cgroup)?;
+        let loggers = if cfg.ebpf_debug_log {
+            aya_log::EbpfLogger::init(&mut ebpf)
+                .ok()
+                .into_iter()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let adopted = attach_cgroup_programs(&ebpf, &layout, object_id, &cfg.cgroup)?;
+        let (sk_lookup, sk_lookup_id) = sk_lookup_program(&ebpf, &layout, object_id)?;
         attach_sk_msg(&mut ebpf)?;
-        let mut dp = Dataplane {
-            pods: take_map(&mut ebpf, maps::PODS)?,
-            host_addrs: take_map(&mut ebpf, maps::HOST_ADDRS)?,
-            config: take_map(&mut ebpf, maps::CONFIG)?,
+        let agent_netns = current_cookie().map_err(io_err("reading the agent's netns cookie"))?;
+        let listeners: Table<ListenerKey, u32> = Table::take(&mut ebpf, maps::LISTENERS)?;
+        let black_holes = [
+            (false, ListenerKey::BLACK_HOLE_V4),
+            (true, ListenerKey::BLACK_HOLE_V6),
+        ]
+        .into_iter()
+        .filter_map(|(v6, key)| {
+            let made = blackhole::BlackHole::new(v6).and_then(|bh| {
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&bh.listener()) as u32;
+                listeners.put(&key, &fd).map_err(std::io::Error::other)?;
+                Ok(bh)
+            });
+            made.inspect_err(|e| warn!(v6, error = %e, "no black hole: inbound SYNs without a ztunnel listener will be reset, not dropped silently"))
+                .ok()
+        })
+        .collect();
+        let dp = Dataplane {
+            pods: Table::take(&mut ebpf, maps::PODS)?,
+            pod_addrs: Table::take(&mut ebpf, maps::POD_ADDRS)?,
+            listeners,
+            _black_holes: black_holes,
+            node_conns: Table::take(&mut ebpf, maps::NODE_CONNS)?,
+            return_conns: Table::take(&mut ebpf, maps::RETURN_CONNS)?,
+            socks: Table::take(&mut ebpf, maps::SOCKS)?,
+            no_accel: Table::take(&mut ebpf, maps::NO_ACCEL)?,
+            config_map: Table::take(&mut ebpf, maps::CONFIG)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
-            flows: take_map(&mut ebpf, maps::FLOW_ORIG)?,
-            socks: take_map(&mut ebpf, maps::SOCKS)?,
-            no_accel: take_map(&mut ebpf, maps::NO_ACCEL)?,
+            config: Mutex::new(GlobalConfig {
+                flags: 0,
+                _pad: 0,
+                // The node's connections are the agent's netns's until told otherwise.
+                node_netns: agent_netns,
+            }),
             layout,
-            object_id,
-            ebpf,
+            object_id: object_id.to_string(),
+            _ebpf: Mutex::new(ebpf),
+            loggers: Mutex::new(loggers),
+            sk_lookup,
+            sk_lookup_id,
+            agent_netns,
+            busy: Mutex::new(HashSet::new()),
             adopted,
             hook: None,
         };
-        dp.set_accelerate(cfg.accelerate)?;
+        // No trace client is attached to a freshly loaded agent.
+        dp.update_config(|c| {
+            c.flags = if cfg.accelerate { GLOBAL_ACCELERATE } else { 0 };
+        })?;
+        dp.take_over_pods();
+        remove_other_builds(&dp.layout, object_id)?;
         info!(root = %cfg.pin_root.display(), cgroup = %cfg.cgroup.display(), adopted, "dataplane loaded");
         Ok(dp)
     }
 
-    /// Readers of the programs' log ring buffers: this load's (TC programs attached from now
-    /// on), and, after a restart, the one of the adopted cgroup programs. Each is an fd to
-    /// poll; `flush` forwards records to the `log` crate (and so to tracing).
-    pub fn take_loggers(&mut self) -> Vec<aya_log::EbpfLogger<&'static dyn log::Log>> {
-        let mut loggers: Vec<_> = aya_log::EbpfLogger::init(&mut self.ebpf)
-            .ok()
-            .into_iter()
-            .collect();
-        if self.adopted {
+    /// Points every pod's sk_lookup link at this build's program, in place.
+    fn take_over_pods(&self) {
+        let Ok(pods) = std::fs::read_dir(self.layout.pods()) else {
+            return;
+        };
+        for pod in pods.flatten() {
+            let pin = pod.path().join("sk_lookup");
+            let Ok(link) = bpf_sys::obj_get(&pin) else {
+                continue;
+            };
+            let Ok(info) = bpf_sys::link_info(link.as_fd()) else {
+                continue;
+            };
+            if info.prog_id == self.sk_lookup_id {
+                continue;
+            }
+            match bpf_sys::link_update(link.as_fd(), self.sk_lookup.as_fd()) {
+                Ok(()) => {
+                    info!(pod = ?pod.file_name(), "pod moved to this build's sk_lookup program")
+                }
+                Err(e) => {
+                    warn!(pod = ?pod.file_name(), error = %e, "could not update a pod's sk_lookup link")
+                }
+            }
+        }
+    }
+
+    /// Readers of the programs' log ring buffers (only when loaded with `ebpf_debug_log`), each
+    /// an fd to poll; `flush` forwards records to the `log` crate (and so to tracing). After a
+    /// restart, adopted programs keep writing to their own load's buffer: it is read too.
+    pub fn take_loggers(&self) -> Vec<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        let mut loggers = std::mem::take(&mut *lock(&self.loggers));
+        if self.adopted && !loggers.is_empty() {
             let pin = self
                 .layout
                 .cgroup_links(&self.object_id)
@@ -209,59 +353,77 @@ impl Dataplane {
         &self.layout
     }
 
+    /// The id of the sk_lookup program pods are (or will be) linked to.
+    pub fn sk_lookup_prog_id(&self) -> u32 {
+        self.sk_lookup_id
+    }
+
     #[doc(hidden)]
     /// Called at `EnrollStage`s: lets tests change the world in the middle of an enrollment.
     pub fn set_enroll_hook(&mut self, hook: impl Fn(EnrollStage) + Send + Sync + 'static) {
         self.hook = Some(Box::new(hook));
     }
 
-    pub fn set_accelerate(&mut self, on: bool) -> Result<(), Error> {
-        let cfg = GlobalConfig {
-            flags: if on { GLOBAL_ACCELERATE } else { 0 },
-            _pad: 0,
-        };
-        self.config.set(0, cfg, 0).map_err(|source| Error::Map {
-            name: maps::CONFIG,
-            source,
+    fn update_config(&self, f: impl FnOnce(&mut GlobalConfig)) -> Result<(), Error> {
+        let mut cfg = lock(&self.config);
+        f(&mut cfg);
+        self.config_map.put(&0, &cfg)
+    }
+
+    pub fn set_accelerate(&self, on: bool) -> Result<(), Error> {
+        self.update_config(|c| {
+            c.flags = (c.flags & !GLOBAL_ACCELERATE) | if on { GLOBAL_ACCELERATE } else { 0 };
         })
     }
 
-    /// Replaces the set of this node's own addresses: inbound TCP from them (kubelet probes)
-    /// is not redirected.
-    pub fn set_host_addrs(&mut self, addrs: &[IpAddr]) -> Result<(), Error> {
-        let want: Vec<Addr> = addrs.iter().map(|ip| Addr::from(*ip)).collect();
-        let have: Vec<Addr> = self.host_addrs.keys().filter_map(Result::ok).collect();
-        for old in have.iter().filter(|a| !want.contains(a)) {
-            self.host_addrs.remove(old).map_err(|source| Error::Map {
-                name: maps::HOST_ADDRS,
-                source,
-            })?;
+    /// Turns decision tracing on or off (see [`trace`]). Off costs the programs one array
+    /// lookup per decision.
+    pub fn set_trace(&self, on: bool) -> Result<(), Error> {
+        self.update_config(|c| {
+            c.flags = (c.flags & !GLOBAL_TRACE) | if on { GLOBAL_TRACE } else { 0 };
+        })
+    }
+
+    /// Names the node's network namespace: TCP connections its sockets open are exempt from
+    /// inbound capture (kubelet probes, hostNetwork processes), and it cannot be enrolled.
+    /// By default it is the agent's own.
+    pub fn set_node_netns(&self, netns: &Netns) -> Result<(), Error> {
+        let cookie = netns.cookie()?;
+        self.update_config(|c| c.node_netns = cookie)
+    }
+
+    fn node_netns(&self) -> u64 {
+        lock(&self.config).node_netns
+    }
+
+    fn mark_busy(&self, cookie: u64, path: &Path) -> Result<BusyGuard<'_>, Error> {
+        if !lock(&self.busy).insert(cookie) {
+            return Err(Error::Busy(path.to_path_buf()));
         }
-        for new in want.iter().filter(|a| !have.contains(a)) {
-            self.host_addrs
-                .insert(new, 1, 0)
-                .map_err(|source| Error::Map {
-                    name: maps::HOST_ADDRS,
-                    source,
-                })?;
-        }
-        Ok(())
+        Ok(BusyGuard {
+            set: &self.busy,
+            cookie,
+        })
     }
 
     /// Enrolls the pod network namespace `netns` whose addresses are `ips`. Returns its netns
     /// cookie. On error nothing of the attempt is left behind.
-    pub fn enroll(
-        &mut self,
-        netns: &Netns,
-        ips: &[IpAddr],
-        opts: EnrollOptions,
-    ) -> Result<u64, Error> {
+    pub fn enroll(&self, netns: &Netns, ips: &[IpAddr], opts: EnrollOptions) -> Result<u64, Error> {
+        let started = Instant::now();
         if ips.len() > MAX_POD_IPS {
             return Err(Error::TooManyIps(ips.len()));
         }
         let cookie = netns.cookie()?;
-        if self.pods.get(&cookie, 0).is_ok() {
-            return Err(Error::AlreadyEnrolled(netns.path().to_path_buf()));
+        let path = netns.path();
+        if cookie == self.node_netns() {
+            return Err(Error::NodeNetns(path.to_path_buf()));
+        }
+        if cookie == self.agent_netns {
+            return Err(Error::AgentNetns(path.to_path_buf()));
+        }
+        let _busy = self.mark_busy(cookie, path)?;
+        if self.pods.get(&cookie)?.is_some() {
+            return Err(Error::AlreadyEnrolled(path.to_path_buf()));
         }
         let mut flags = 0;
         if opts.dns_capture {
@@ -274,16 +436,15 @@ impl Dataplane {
             flags |= POD_NO_IPV6;
         }
         let mut cfg = PodConfig::new(flags, ips);
-        match self.enroll_steps(netns, cookie, &mut cfg, opts) {
+        match self.enroll_steps(netns, cookie, &mut cfg, ips) {
             Ok(()) => {
-                info!(netns = %netns.path().display(), cookie, ?ips, ?opts, "pod enrolled");
+                info!(netns = %path.display(), cookie, ?ips, ?opts, elapsed_us = started.elapsed().as_micros() as u64, "pod enrolled");
                 Ok(cookie)
             }
             Err(e) => {
-                warn!(netns = %netns.path().display(), error = %e, "enrollment failed; rolling back");
-                let _ = self.pods.remove(&cookie);
-                if let Err(rb) = self.teardown(netns, cookie, cfg.saved_fwmark_accept) {
-                    warn!(netns = %netns.path().display(), error = %rb, "rollback incomplete");
+                warn!(netns = %path.display(), error = %e, "enrollment failed; rolling back");
+                if let Err(rb) = self.teardown(Some(netns), cookie, &cfg) {
+                    warn!(netns = %path.display(), error = %rb, "rollback incomplete");
                 }
                 Err(e)
             }
@@ -291,61 +452,66 @@ impl Dataplane {
     }
 
     fn enroll_steps(
-        &mut self,
+        &self,
         netns: &Netns,
         cookie: u64,
         cfg: &mut PodConfig,
-        opts: EnrollOptions,
+        ips: &[IpAddr],
     ) -> Result<(), Error> {
         let pod_dir = self.layout.pod(cookie);
-        // Leftovers of an attempt interrupted by a crash.
+        // Leftovers of an attempt interrupted by a crash (or of a previous build's layout).
         pins::detach_and_remove(&pod_dir)
             .map_err(io_err(format!("removing {}", pod_dir.display())))?;
         std::fs::create_dir_all(&pod_dir)
             .map_err(io_err(format!("creating {}", pod_dir.display())))?;
-        let lo_prog = self.prog_fd(progs::TC_LO_INGRESS)?;
-        let (eth, l3) = if opts.ipv6 {
-            (progs::TC_POD_INGRESS, progs::TC_POD_INGRESS_L3)
-        } else {
-            (progs::TC_POD_INGRESS_V4, progs::TC_POD_INGRESS_V4_L3)
-        };
-        let eth_prog = self.prog_fd(eth)?;
-        let l3_prog = self.prog_fd(l3)?;
-        let path = netns.path().to_path_buf();
 
+        // Inside the pod: sysctls (saved first, so that they can be restored), then the rule and
+        // route, and the addresses the netns has.
+        let sources = ReplySources::of(ips);
         let (saved, result) = netns.run(|| {
-            let saved = match pod_net::fwmark_accept() {
+            let saved = match Sysctls::read() {
                 Ok(v) => v,
-                Err(e) => return (None, Err(io_err("reading tcp_fwmark_accept")(e))),
+                Err(e) => return (None, Err(io_err("reading the pod's sysctls")(e))),
             };
-            let result = (|| {
-                pod_net::set_fwmark_accept(1).map_err(io_err("setting tcp_fwmark_accept"))?;
-                let ifs = pod_net::interfaces().map_err(io_err("listing interfaces"))?;
-                let lo = ifs
-                    .iter()
-                    .find(|i| i.kind == InterfaceKind::Loopback)
-                    .ok_or(Error::NoLoopback(path.clone()))?;
-                pod_net::add_reply_route(lo.index).map_err(io_err("adding the reply route"))?;
-                attach_tc(lo_prog.as_fd(), lo.index, &pod_dir)?;
-                if !opts.bypass_inbound {
-                    for i in ifs.iter().filter(|i| i.kind != InterfaceKind::Loopback) {
-                        let prog = if i.kind == InterfaceKind::Ethernet {
-                            eth_prog.as_fd()
-                        } else {
-                            l3_prog.as_fd()
-                        };
-                        attach_tc(prog, i.index, &pod_dir)?;
-                        debug!(interface = %i.name, "inbound redirection attached");
-                    }
-                }
-                Ok(())
-            })();
+            let result = Sysctls::ENROLLED
+                .write()
+                .map_err(io_err("setting the pod's sysctls"))
+                .and_then(|()| {
+                    pod_net::add_reply_route(sources).map_err(io_err("adding the reply route"))
+                })
+                .and_then(|addrs| {
+                    let listening = listeners::ztunnel_port_listeners()
+                        .map_err(io_err("reading the pod's TCP listeners"))?;
+                    Ok((addrs, listening))
+                });
             (Some(saved), result)
         })?;
-        if let Some(saved) = saved {
-            cfg.saved_fwmark_accept = saved;
+        if let Some(s) = saved {
+            cfg.saved_fwmark_accept = s.fwmark_accept;
+            cfg.saved_reflect4 = s.reflect4;
+            cfg.saved_reflect6 = s.reflect6;
         }
-        result?;
+        let (addrs, listening) = result?;
+        for addr in addrs {
+            if !cfg.add_ip(addr) {
+                debug!(%addr, "more addresses than a pod keeps; inbound to this one is dropped");
+            }
+        }
+
+        // sk_lookup finds the pod by address: the addresses first, then the link.
+        let pod_addr = PodAddr {
+            netns: cookie,
+            flags: cfg.flags,
+            _pad: 0,
+        };
+        for ip in cfg.ips() {
+            self.pod_addrs.put(&Addr::from(ip), &pod_addr)?;
+        }
+        attach_sk_lookup(
+            self.sk_lookup.as_fd(),
+            netns.as_fd(),
+            &self.layout.pod_link(cookie),
+        )?;
         if let Some(hook) = &self.hook {
             hook(EnrollStage::Attached);
         }
@@ -354,94 +520,121 @@ impl Dataplane {
         if !netns.still_at_path() {
             return Err(Error::NetnsVanished(netns.path().to_path_buf()));
         }
-        // Publishing the config is what starts outbound redirection: last.
-        self.pods
-            .insert(cookie, *cfg, 0)
-            .map_err(|source| Error::Map {
-                name: maps::PODS,
-                source,
-            })?;
+        // Publishing the config is what starts outbound redirection (and the listener
+        // bookkeeping): last. Listeners that were there before are taken in after it, so that
+        // none can slip between the two.
+        self.pods.put(&cookie, cfg)?;
+        self.adopt_listeners(cookie, &listening);
         Ok(())
+    }
+
+    /// Puts listeners on ztunnel's ports that predate the enrollment into `SL_LISTENERS`
+    /// (see `listeners.rs`). Whether they are ztunnel's is decided by their mark, later.
+    fn adopt_listeners(&self, cookie: u64, listening: &[listeners::Listener]) {
+        for l in listening {
+            let key = ListenerKey {
+                netns: cookie,
+                port: u32::from(l.port),
+                _pad: 0,
+            };
+            if matches!(self.listeners.get(&key), Ok(Some(_))) {
+                continue;
+            }
+            match listeners::socket_by_inode(l.inode) {
+                Ok(Some(fd)) => {
+                    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
+                    match self.listeners.put(&key, &raw) {
+                        Ok(()) => info!(
+                            cookie,
+                            port = l.port,
+                            "adopted a listener that was there before enrollment"
+                        ),
+                        Err(e) => {
+                            warn!(cookie, port = l.port, error = %e, "could not adopt a listener")
+                        }
+                    }
+                }
+                Ok(None) => debug!(
+                    cookie,
+                    port = l.port,
+                    "a listener went away before it could be adopted"
+                ),
+                Err(e) => warn!(cookie, port = l.port, error = %e, "could not adopt a listener"),
+            }
+        }
     }
 
     /// Stops redirecting `netns` and removes everything enrollment put there. New connections
     /// are plain at once; established ones are left alone.
-    pub fn unenroll(&mut self, netns: &Netns) -> Result<(), Error> {
+    pub fn unenroll(&self, netns: &Netns) -> Result<(), Error> {
         let cookie = netns.cookie()?;
+        let _busy = self.mark_busy(cookie, netns.path())?;
         let cfg = self
             .pods
-            .get(&cookie, 0)
-            .map_err(|_| Error::NotEnrolled(netns.path().to_path_buf()))?;
-        self.pods.remove(&cookie).map_err(|source| Error::Map {
-            name: maps::PODS,
-            source,
-        })?;
-        self.teardown(netns, cookie, cfg.saved_fwmark_accept)?;
+            .get(&cookie)?
+            .ok_or_else(|| Error::NotEnrolled(netns.path().to_path_buf()))?;
+        self.teardown(Some(netns), cookie, &cfg)?;
         info!(netns = %netns.path().display(), cookie, "pod unenrolled");
         Ok(())
     }
 
-    /// Drops what is kept for a netns that no longer exists (its interfaces, rules and TC
-    /// programs went with it). Harmless if it was never enrolled.
-    pub fn forget(&mut self, cookie: u64) -> Result<(), Error> {
-        match self.pods.remove(&cookie) {
-            Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(source) => {
-                return Err(Error::Map {
-                    name: maps::PODS,
-                    source,
-                });
-            }
-        }
-        let dir = self.layout.pod(cookie);
-        pins::detach_and_remove(&dir).map_err(io_err(format!("removing {}", dir.display())))
+    /// Drops what is kept for a netns that no longer exists (its rules and link went with it).
+    /// Harmless if it was never enrolled.
+    pub fn forget(&self, cookie: u64) -> Result<(), Error> {
+        let cfg = self.pods.get(&cookie)?.unwrap_or_default();
+        self.teardown(None, cookie, &cfg)
     }
 
-    /// Undoes a pod's configuration: TC links (by unpinning), reply route, sysctl.
-    fn teardown(
-        &mut self,
-        netns: &Netns,
-        cookie: u64,
-        saved_fwmark_accept: u32,
-    ) -> Result<(), Error> {
+    /// Undoes a pod's configuration, in the reverse order of enrollment: the map entry (outbound
+    /// stops), the link (inbound stops), addresses, then inside the netns (if it still exists)
+    /// the rule, route and sysctls. ztunnel's listener entries are left to the kernel, which
+    /// drops them when the sockets close (ztunnel closes them on the Del that follows).
+    fn teardown(&self, netns: Option<&Netns>, cookie: u64, cfg: &PodConfig) -> Result<(), Error> {
+        self.pods.delete(&cookie)?;
         let dir = self.layout.pod(cookie);
         pins::detach_and_remove(&dir).map_err(io_err(format!("removing {}", dir.display())))?;
-        netns.run(|| -> Result<(), Error> {
-            let ifs = pod_net::interfaces().map_err(io_err("listing interfaces"))?;
-            if let Some(lo) = ifs.iter().find(|i| i.kind == InterfaceKind::Loopback) {
-                pod_net::remove_reply_route(lo.index)
-                    .map_err(io_err("removing the reply route"))?;
+        for ip in cfg.ips() {
+            let addr = Addr::from(ip);
+            // Only if it is still this pod's (addresses move between pods over time).
+            if self
+                .pod_addrs
+                .get(&addr)?
+                .is_some_and(|a| a.netns == cookie)
+            {
+                self.pod_addrs.delete(&addr)?;
             }
-            pod_net::set_fwmark_accept(saved_fwmark_accept)
-                .map_err(io_err("restoring tcp_fwmark_accept"))
+        }
+        let Some(netns) = netns else {
+            return Ok(());
+        };
+        // A netns enrolled before its sysctls were recorded has zeros: the kernel defaults.
+        let saved = Sysctls {
+            fwmark_accept: cfg.saved_fwmark_accept,
+            reflect4: cfg.saved_reflect4,
+            reflect6: cfg.saved_reflect6,
+        };
+        netns.run(|| -> Result<(), Error> {
+            pod_net::remove_reply_route().map_err(io_err("removing the reply route"))?;
+            saved.write().map_err(io_err("restoring the pod's sysctls"))
         })?
     }
 
     /// Enrolled namespaces by netns cookie.
     pub fn enrolled(&self) -> Vec<(u64, PodConfig)> {
-        self.pods.iter().filter_map(Result::ok).collect()
+        self.pods.entries().unwrap_or_default()
     }
 
     pub fn is_enrolled(&self, cookie: u64) -> bool {
-        self.pods.get(&cookie, 0).is_ok()
+        matches!(self.pods.get(&cookie), Ok(Some(_)))
     }
 
-    /// Whether the namespace with this cookie still exists, judged by the TC link on its `lo`
-    /// (a TCX link loses its device when the namespace is destroyed). None if there is no link
-    /// to tell by.
+    /// Whether the namespace with this cookie still exists, judged by its sk_lookup link (a
+    /// netns link loses its namespace when the namespace is destroyed). None if there is no
+    /// link to tell by.
     pub fn netns_alive(&self, cookie: u64) -> Option<bool> {
-        let dir = self.layout.pod(cookie);
-        let entries = std::fs::read_dir(&dir).ok()?;
-        let mut any = None;
-        for entry in entries.flatten() {
-            let fd = bpf_sys::obj_get(&entry.path()).ok()?;
-            let info = bpf_sys::link_info(fd.as_fd()).ok()?;
-            if info.link_type == bpf_sys::BPF_LINK_TYPE_TCX {
-                any = Some(any.unwrap_or(false) || info.tcx_ifindex != 0);
-            }
-        }
-        any
+        let fd = bpf_sys::obj_get(&self.layout.pod_link(cookie)).ok()?;
+        let info = bpf_sys::link_info(fd.as_fd()).ok()?;
+        (info.link_type == bpf_sys::BPF_LINK_TYPE_NETNS).then_some(info.netns_ino != 0)
     }
 
     /// Sum over CPUs of each redirect counter.
@@ -459,7 +652,7 @@ impl Dataplane {
             .collect()
     }
 
-    /// Every pinned link: this build's cgroup links and each pod's TC links.
+    /// Every pinned link: this build's cgroup links and each pod's sk_lookup link.
     pub fn links(&self) -> Vec<LinkStatus> {
         let mut out = Vec::new();
         let mut scan = |dir: &Path, cookie: Option<u64>| {
@@ -477,7 +670,7 @@ impl Dataplane {
                 };
                 let kind = match info.link_type {
                     bpf_sys::BPF_LINK_TYPE_CGROUP => "cgroup".to_string(),
-                    bpf_sys::BPF_LINK_TYPE_TCX => "tcx".to_string(),
+                    bpf_sys::BPF_LINK_TYPE_NETNS => "netns".to_string(),
                     other => other.to_string(),
                 };
                 out.push(LinkStatus {
@@ -507,21 +700,31 @@ impl Dataplane {
             capacity: capacity as usize,
         };
         vec![
-            fill(maps::PODS, self.pods.keys().count(), maps::PODS_CAPACITY),
+            fill(maps::PODS, self.pods.count(), maps::PODS_CAPACITY),
             fill(
-                maps::HOST_ADDRS,
-                self.host_addrs.keys().count(),
-                maps::HOST_ADDRS_CAPACITY,
+                maps::POD_ADDRS,
+                self.pod_addrs.count(),
+                maps::POD_ADDRS_CAPACITY,
             ),
             fill(
-                maps::FLOW_ORIG,
-                self.flows.keys().count(),
-                maps::FLOW_ORIG_CAPACITY,
+                maps::LISTENERS,
+                self.listeners.count(),
+                maps::LISTENERS_CAPACITY,
             ),
-            fill(maps::SOCKS, self.socks.keys().count(), maps::SOCKS_CAPACITY),
+            fill(
+                maps::NODE_CONNS,
+                self.node_conns.count(),
+                maps::NODE_CONNS_CAPACITY,
+            ),
+            fill(
+                maps::RETURN_CONNS,
+                self.return_conns.count(),
+                maps::RETURN_CONNS_CAPACITY,
+            ),
+            fill(maps::SOCKS, self.socks.count(), maps::SOCKS_CAPACITY),
             fill(
                 maps::NO_ACCEL,
-                self.no_accel.keys().count(),
+                self.no_accel.count(),
                 maps::NO_ACCEL_CAPACITY,
             ),
         ]
@@ -529,31 +732,26 @@ impl Dataplane {
 
     /// Removes everything the dataplane put on this node: every enrolled pod's configuration
     /// (`netns_of` opens a pod's namespace by cookie; pods it cannot open are forgotten), the
-    /// cgroup links, the sockmap program, the maps and the pin directory.
-    pub fn uninstall(mut self, netns_of: impl Fn(u64) -> Option<Netns>) -> Result<(), Error> {
+    /// cgroup links, the programs, the sockmap program, the maps and the pin directory.
+    pub fn uninstall(self, netns_of: impl Fn(u64) -> Option<Netns>) -> Result<(), Error> {
         for (cookie, cfg) in self.enrolled() {
-            let _ = self.pods.remove(&cookie);
-            match netns_of(cookie) {
-                Some(ns) => {
-                    if let Err(e) = self.teardown(&ns, cookie, cfg.saved_fwmark_accept) {
-                        warn!(cookie, error = %e, "pod cleanup incomplete");
-                    }
-                }
-                None => self.forget(cookie)?,
+            let ns = netns_of(cookie);
+            if let Err(e) = self.teardown(ns.as_ref(), cookie, &cfg) {
+                warn!(cookie, error = %e, "pod cleanup incomplete");
             }
         }
-        // Pods dirs of namespaces that are gone but were never unenrolled.
+        // Pod dirs of namespaces that are gone but were never unenrolled go with the root.
         let root = self.layout.root().to_path_buf();
         drop(self);
         pins::detach_and_remove(&root).map_err(io_err(format!("removing {}", root.display())))?;
         info!(root = %root.display(), "dataplane uninstalled");
         Ok(())
     }
+}
 
-    fn prog_fd(&self, name: &'static str) -> Result<OwnedFd, Error> {
-        attach::program_fd(&self.ebpf, name)?
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(io_err(format!("duplicating the fd of {name}")))
+impl Dataplane {
+    /// A reader of the trace ring buffer (see [`Dataplane::set_trace`]).
+    pub fn trace_reader(&self) -> Result<TraceReader, Error> {
+        TraceReader::open(&self.layout)
     }
 }

@@ -17,7 +17,8 @@ pub fn object_id() -> String {
     format!("{h:016x}")
 }
 
-/// The cgroup programs and their attach types.
+/// The cgroup programs and their attach types. (`sl_sk_lookup` attaches per pod netns,
+/// `sl_sk_msg` to the sockhash.)
 pub const CGROUP_PROGRAMS: [(&str, u32); 10] = [
     (progs::CONNECT4, BPF_CGROUP_INET4_CONNECT),
     (progs::CONNECT6, BPF_CGROUP_INET6_CONNECT),

@@ -2,9 +2,10 @@
 //! agent process, and what a restarted agent adopts instead of attaching again.
 //!
 //! ```text
-//! <root>/maps-v<MAP_ABI>/<MAP>           maps, shared by every agent version with this layout
-//! <root>/cgroup/<object id>/<program>    cgroup links of the programs of one eBPF object build
-//! <root>/pods/<netns cookie>/tc-<ifindex> TC links inside one enrolled pod netns
+//! <root>/maps-v<MAP_ABI>/<MAP>              maps, shared by every agent version with this layout
+//! <root>/cgroup/<object id>/<program>       cgroup links of the programs of one eBPF object build
+//! <root>/progs/<object id>/sl_sk_lookup     that build's sk_lookup program, shared by every pod
+//! <root>/pods/<netns cookie>/sk_lookup      the sk_lookup link of one enrolled pod netns
 //! ```
 use std::{
     io,
@@ -43,12 +44,26 @@ impl PinLayout {
         self.cgroup_dir().join(object_id)
     }
 
+    pub fn progs_dir(&self) -> PathBuf {
+        self.root.join("progs")
+    }
+
+    /// Where one build pins the programs that per-pod links point at.
+    pub fn progs(&self, object_id: &str) -> PathBuf {
+        self.progs_dir().join(object_id)
+    }
+
     pub fn pods(&self) -> PathBuf {
         self.root.join("pods")
     }
 
     pub fn pod(&self, netns_cookie: u64) -> PathBuf {
         self.pods().join(netns_cookie.to_string())
+    }
+
+    /// The pin of a pod's sk_lookup link.
+    pub fn pod_link(&self, netns_cookie: u64) -> PathBuf {
+        self.pod(netns_cookie).join("sk_lookup")
     }
 
     /// Creates the directories, mounting bpffs at /sys/fs/bpf first if the root is under it
@@ -69,6 +84,7 @@ impl PinLayout {
             self.root.clone(),
             self.maps(),
             self.cgroup_dir(),
+            self.progs_dir(),
             self.pods(),
         ] {
             std::fs::create_dir_all(&dir)?;

@@ -40,6 +40,9 @@ pub struct ConnectOptions {
     /// Connect/read timeout in the helper (default 3000 ms).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// IPv4 without the don't-fragment bit.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fragmentable: bool,
 }
 
 /// Response of connect/hold/ping.
@@ -210,12 +213,55 @@ impl App {
         self.typed(json!({"cmd": "dns_tcp", "server": server}))
     }
 
+    /// One unconnected UDP socket queries every server in turn, then reads as many replies.
+    pub fn dns_udp_multi(&self, servers: &[SocketAddr]) -> Result<Value> {
+        let v = self.request(json!({"cmd": "dns_udp_multi", "servers": servers}))?;
+        ensure_ok_value(&v)?;
+        Ok(v)
+    }
+
+    /// Starts a minimal ztunnel outbound listener on `port` (see the testkit's `sink`).
+    pub fn sink_start(&self, port: u16) -> Result<()> {
+        self.expect_ok(json!({"cmd": "sink_start", "port": port}))
+    }
+
+    /// Stops the sink: `{accepted, answered, wrong}`.
+    pub fn sink_stop(&self) -> Result<Value> {
+        let v = self.request(json!({"cmd": "sink_stop"}))?;
+        ensure_ok_value(&v)?;
+        Ok(v)
+    }
+
+    /// `count` short connections round-robin over `addrs`, closed by the client at once.
+    pub fn churn(&self, addrs: &[SocketAddr], count: u64, timeout: Duration) -> Result<Value> {
+        let timeout_ms = timeout.as_millis() as u64;
+        let v = self.request(
+            json!({"cmd": "churn", "addrs": addrs, "count": count, "timeout_ms": timeout_ms}),
+        )?;
+        ensure_ok_value(&v)?;
+        Ok(v)
+    }
+
     /// Starts a background connect+banner+close loop against `addr`.
     pub fn loop_start(&self, id: &str, addr: SocketAddr, interval: Duration) -> Result<()> {
         let interval_ms = interval.as_millis() as u64;
         self.expect_ok(
             json!({"cmd": "loop_start", "id": id, "addr": addr, "interval_ms": interval_ms}),
         )
+    }
+
+    /// Like [`App::loop_start`] with a connect/read timeout of its own (default 3 s).
+    pub fn loop_start_with_timeout(
+        &self,
+        id: &str,
+        addr: SocketAddr,
+        interval: Duration,
+        timeout: Duration,
+    ) -> Result<()> {
+        let interval_ms = interval.as_millis() as u64;
+        let timeout_ms = timeout.as_millis() as u64;
+        self.expect_ok(json!({"cmd": "loop_start", "id": id, "addr": addr,
+            "interval_ms": interval_ms, "timeout_ms": timeout_ms}))
     }
 
     pub fn loop_stop(&self, id: &str) -> Result<LoopStats> {

@@ -11,6 +11,8 @@ use anyhow::{Context, Result, bail};
 use super::cgroup::Cgroup;
 
 // enum bpf_cmd
+const BPF_MAP_CREATE: libc::c_int = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_int = 1;
 const BPF_PROG_LOAD: libc::c_int = 5;
 const BPF_PROG_GET_FD_BY_ID: libc::c_int = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
@@ -19,10 +21,12 @@ const BPF_LINK_CREATE: libc::c_int = 28;
 
 // enum bpf_prog_type
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const BPF_PROG_TYPE_SK_LOOKUP: u32 = 30;
 
 // enum bpf_attach_type
 pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
+pub const BPF_SK_LOOKUP: u32 = 36;
 
 const FOREIGN_PROG_NAME: &[u8] = b"foreign_test";
 
@@ -131,13 +135,13 @@ fn sys_bpf_fd<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
-/// A trivial "allow" `cgroup/connect4` (or `connect6`) program named `foreign_test`,
-/// attached through a bpf_link, standing in for another eBPF user on the node.
+/// A `cgroup/connect4` (or `connect6`) program named `foreign_test` that lets every connect
+/// through and counts its runs, attached through a bpf_link: another eBPF user on the node.
 /// Dropping the guard closes the link, which detaches it.
 pub struct ForeignCgroupProg {
     // Declared first: the link is closed before the program.
     link: OwnedFd,
-    prog: OwnedFd,
+    prog: CountingProg,
     id: u32,
 }
 
@@ -149,15 +153,14 @@ impl ForeignCgroupProg {
 
     /// Attaches to any cgroup directory fd at a connect4/connect6 attach type.
     pub fn attach_to(cgroup: BorrowedFd<'_>, attach_type: u32) -> Result<ForeignCgroupProg> {
-        let prog = load_allow_prog(attach_type)?;
-        let mut attr = LinkCreateAttr {
-            prog_fd: prog.as_raw_fd() as u32,
-            target_fd: cgroup.as_raw_fd() as u32,
+        let prog = CountingProg::load(
+            BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
             attach_type,
-            flags: 0,
-        };
-        let link = sys_bpf_fd(BPF_LINK_CREATE, &mut attr).context("BPF_LINK_CREATE")?;
-        let id = prog_info(prog.as_raw_fd())?.id;
+            1,
+            FOREIGN_PROG_NAME,
+        )?;
+        let link = link_create(prog.fd(), cgroup.as_raw_fd() as u32, attach_type)?;
+        let id = prog_info(prog.fd().as_raw_fd())?.id;
         Ok(ForeignCgroupProg { link, prog, id })
     }
 
@@ -166,8 +169,9 @@ impl ForeignCgroupProg {
         self.id
     }
 
-    pub fn prog_fd(&self) -> BorrowedFd<'_> {
-        self.prog.as_fd()
+    /// How many times it ran.
+    pub fn runs(&self) -> Result<u64> {
+        self.prog.count()
     }
 
     pub fn link_fd(&self) -> BorrowedFd<'_> {
@@ -175,27 +179,138 @@ impl ForeignCgroupProg {
     }
 }
 
-/// `r0 = 1; exit` — let every connect through unchanged.
-fn load_allow_prog(expected_attach_type: u32) -> Result<OwnedFd> {
-    load_const_prog(
-        BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-        expected_attach_type,
-        1,
-        FOREIGN_PROG_NAME,
-    )
+/// An `sk_lookup` program named `foreign_lookup` that passes every lookup on (SK_PASS, no
+/// socket) and counts its runs, linked to a network namespace after whatever is there:
+/// another eBPF user inside a pod's netns. Dropping it detaches it.
+pub struct ForeignSkLookupProg {
+    _link: OwnedFd,
+    prog: CountingProg,
 }
 
-/// Loads `r0 = ret; exit` as a program of `prog_type` named `name`.
-fn load_const_prog(
+impl ForeignSkLookupProg {
+    pub fn attach(netns: &std::path::Path) -> Result<ForeignSkLookupProg> {
+        const SK_PASS: i32 = 1;
+        let prog = CountingProg::load(
+            BPF_PROG_TYPE_SK_LOOKUP,
+            BPF_SK_LOOKUP,
+            SK_PASS,
+            b"foreign_lookup",
+        )?;
+        let ns =
+            std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+        let link = link_create(prog.fd(), ns.as_raw_fd() as u32, BPF_SK_LOOKUP)?;
+        Ok(ForeignSkLookupProg { _link: link, prog })
+    }
+
+    /// How many lookups it saw.
+    pub fn runs(&self) -> Result<u64> {
+        self.prog.count()
+    }
+}
+
+fn link_create(prog: BorrowedFd<'_>, target: u32, attach_type: u32) -> Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: target,
+        attach_type,
+        flags: 0,
+    };
+    sys_bpf_fd(BPF_LINK_CREATE, &mut attr).context("BPF_LINK_CREATE")
+}
+
+/// `union bpf_attr`, BPF_MAP_CREATE member.
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// BPF_MAP_*_ELEM member.
+#[repr(C)]
+#[derive(Default)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// A program that adds 1 to a one-slot array at each run, then returns a constant.
+struct CountingProg {
+    prog: OwnedFd,
+    map: OwnedFd,
+}
+
+impl CountingProg {
+    fn load(prog_type: u32, expected_attach_type: u32, ret: i32, name: &[u8]) -> Result<Self> {
+        const BPF_MAP_TYPE_ARRAY: u32 = 2;
+        let mut attr = MapCreateAttr {
+            map_type: BPF_MAP_TYPE_ARRAY,
+            key_size: 4,
+            value_size: 8,
+            max_entries: 1,
+            map_flags: 0,
+        };
+        let map = sys_bpf_fd(BPF_MAP_CREATE, &mut attr).context("BPF_MAP_CREATE")?;
+        // struct bpf_insn { u8 code; u8 dst:4, src:4; s16 off; s32 imm; } as little-endian u64.
+        let insn = |code: u8, dst: u8, src: u8, off: i16, imm: i32| -> u64 {
+            u64::from(code)
+                | (u64::from(dst | (src << 4)) << 8)
+                | (u64::from(off as u16) << 16)
+                | (u64::from(imm as u32) << 32)
+        };
+        let insns = [
+            // r1 = map (ld_imm64, BPF_PSEUDO_MAP_FD)
+            insn(0x18, 1, 1, 0, map.as_raw_fd()),
+            0,
+            // *(u32 *)(r10 - 4) = 0; r2 = r10 - 4
+            insn(0x62, 10, 0, -4, 0),
+            insn(0xbf, 2, 10, 0, 0),
+            insn(0x07, 2, 0, 0, -4),
+            // r0 = bpf_map_lookup_elem(r1, r2); if r0 == 0 goto out
+            insn(0x85, 0, 0, 0, 1),
+            insn(0x15, 0, 0, 2, 0),
+            // lock *(u64 *)(r0 + 0) += 1
+            insn(0xb7, 1, 0, 0, 1),
+            insn(0xdb, 0, 1, 0, 0),
+            // out: r0 = ret; exit
+            insn(0xb7, 0, 0, 0, ret),
+            insn(0x95, 0, 0, 0, 0),
+        ];
+        let prog = load_insns(prog_type, expected_attach_type, &insns, name)?;
+        Ok(CountingProg { prog, map })
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.prog.as_fd()
+    }
+
+    fn count(&self) -> Result<u64> {
+        let key = 0u32;
+        let mut value = 0u64;
+        let mut attr = MapElemAttr {
+            map_fd: self.map.as_raw_fd() as u32,
+            key: &key as *const u32 as u64,
+            value: &mut value as *mut u64 as u64,
+            ..Default::default()
+        };
+        sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).context("BPF_MAP_LOOKUP_ELEM")?;
+        Ok(value)
+    }
+}
+
+/// Loads `insns` as a program of `prog_type` named `name`.
+fn load_insns(
     prog_type: u32,
     expected_attach_type: u32,
-    ret: i32,
+    insns: &[u64],
     name: &[u8],
 ) -> Result<OwnedFd> {
-    // struct bpf_insn { u8 code; u8 dst:4, src:4; s16 off; s32 imm; } as little-endian u64.
-    let mov64_r0_imm: u64 = 0xb7 | (u64::from(ret as u32) << 32); // BPF_ALU64 | BPF_MOV | BPF_K
-    const EXIT: u64 = 0x95; // BPF_JMP | BPF_EXIT
-    let insns = [mov64_r0_imm, EXIT];
     let license = c"GPL";
     let mut log = vec![0u8; 64 * 1024];
     let mut prog_name = [0u8; 16];
@@ -222,39 +337,6 @@ fn load_const_prog(
     })
 }
 
-/// A trivial TCX ingress program named `foreign_tcx` that passes every packet on to the next
-/// program (TCX_NEXT): another eBPF user inside a pod's netns. Dropping it detaches it.
-pub struct ForeignTcxProg {
-    _link: OwnedFd,
-    _prog: OwnedFd,
-}
-
-impl ForeignTcxProg {
-    /// Attaches to `ifname` in the netns at `netns` (the link is created inside it).
-    pub fn attach(netns: &std::path::Path, ifname: &str) -> Result<ForeignTcxProg> {
-        const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-        const TCX_NEXT: i32 = -1;
-        let prog = load_const_prog(BPF_PROG_TYPE_SCHED_CLS, 0, TCX_NEXT, b"foreign_tcx")?;
-        let ifname = std::ffi::CString::new(ifname)?;
-        let prog_fd = prog.as_raw_fd() as u32;
-        let link = super::netns::run_in_netns(netns, || {
-            // SAFETY: valid NUL-terminated name.
-            let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
-            let mut attr = LinkCreateAttr {
-                prog_fd,
-                target_fd: ifindex,
-                attach_type: BPF_TCX_INGRESS,
-                flags: 0,
-            };
-            sys_bpf_fd(BPF_LINK_CREATE, &mut attr).context("BPF_LINK_CREATE tcx")
-        })??;
-        Ok(ForeignTcxProg {
-            _link: link,
-            _prog: prog,
-        })
-    }
-}
-
 fn prog_info(fd: libc::c_int) -> Result<ProgInfoHead> {
     let mut info = ProgInfoHead::default();
     let mut attr = InfoByFdAttr {
@@ -276,29 +358,20 @@ pub fn prog_ids_attached_to(target: BorrowedFd<'_>, attach_type: u32) -> Result<
     query(target.as_raw_fd() as u32, attach_type)
 }
 
-/// `BPF_TCX_INGRESS`.
-pub const BPF_TCX_INGRESS: u32 = 46;
-
-/// Names of the TCX ingress programs on interface `ifname` of the netns at `netns`: what the
-/// kernel has attached there, whoever attached it.
-pub fn tcx_ingress_prog_names(netns: &std::path::Path, ifname: &str) -> Result<Vec<String>> {
-    let ifname = std::ffi::CString::new(ifname)?;
-    let ids = super::netns::run_in_netns(netns, || {
-        // SAFETY: valid NUL-terminated name.
-        let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
-        if ifindex == 0 {
-            return Err(std::io::Error::last_os_error()).context("if_nametoindex");
-        }
-        query(ifindex, BPF_TCX_INGRESS)
-    })??;
-    ids.into_iter().map(prog_name).collect()
+/// Names of the sk_lookup programs linked to the netns at `netns`, in the order they run:
+/// what the kernel has attached there, whoever attached it.
+pub fn sk_lookup_prog_names(netns: &std::path::Path) -> Result<Vec<String>> {
+    let ns = std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    query(ns.as_raw_fd() as u32, BPF_SK_LOOKUP)?
+        .into_iter()
+        .map(prog_name)
+        .collect()
 }
 
 fn query(target: u32, attach_type: u32) -> Result<Vec<u32>> {
     let mut ids = vec![0u32; 64];
     loop {
         let mut attr = ProgQueryAttr {
-            // For TCX this field is the ifindex.
             target_fd: target,
             attach_type,
             prog_ids: ids.as_mut_ptr() as u64,

@@ -22,9 +22,9 @@ mod topology;
 
 pub use app::{App, ConnectOptions, ConnectResult, DnsResult, LoopStats};
 pub use bpf::{
-    BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_TCX_INGRESS, ForeignCgroupProg,
-    ForeignTcxProg, cgroup_attached_prog_ids, prog_ids_attached_to, prog_name,
-    tcx_ingress_prog_names,
+    BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_SK_LOOKUP, ForeignCgroupProg,
+    ForeignSkLookupProg, cgroup_attached_prog_ids, prog_ids_attached_to, prog_name,
+    sk_lookup_prog_names,
 };
 pub use bpffs::{BPFFS_ROOT, Bpffs, ensure_bpffs_mounted};
 pub use cgroup::{Cgroup, cgroup2_mount};

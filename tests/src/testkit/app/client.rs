@@ -82,6 +82,22 @@ fn client_socket(addr: SocketAddr, ty: Type, opts: &SocketOpts) -> Result<Socket
         sock.bind(&SocketAddr::new(ip, 0).into())
             .map_err(|e| Failure::io("bind", &e))?;
     }
+    if opts.fragmentable && addr.is_ipv4() {
+        let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
+        // SAFETY: a valid int option on a socket we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&dont as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(setup(std::io::Error::last_os_error()));
+        }
+    }
     Ok(sock)
 }
 
@@ -174,5 +190,82 @@ pub fn dns_tcp(server: SocketAddr, opts: &SocketOpts) -> Result<Fields, Failure>
     let reply = reply.map_err(|e| Failure::io("recv", &e).with_fields(fields.clone()))?;
     fields.insert("valid".into(), dns::is_response_to(&reply, id).into());
     fields.insert("len".into(), reply.len().into());
+    Ok(fields)
+}
+
+/// One unconnected UDP socket queries each of `servers` (distinct ids), then reads as many
+/// replies. Fields: sent `[{id, server}]`, replies `[{id, from, valid}]` in arrival order.
+pub fn dns_udp_multi(servers: &[SocketAddr], opts: &SocketOpts) -> Result<Fields, Failure> {
+    let first = *servers
+        .first()
+        .ok_or_else(|| Failure::msg("no servers given"))?;
+    let sock = client_socket(first, Type::DGRAM, opts)?;
+    let mut sent = Vec::new();
+    let mut ids = Vec::new();
+    for server in servers {
+        let id = dns::random_id();
+        sock.send_to(&dns::query(id, "example.com", 1), &(*server).into())
+            .map_err(|e| Failure::io("send", &e))?;
+        sent.push(serde_json::json!({"id": id, "server": server.to_string()}));
+        ids.push(id);
+    }
+    let mut replies = Vec::new();
+    for _ in servers {
+        let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
+        let (n, from) = sock
+            .recv_from(&mut buf)
+            .map_err(|e| Failure::io("recv", &e))?;
+        // SAFETY: recv_from initialised the first n bytes.
+        let reply: Vec<u8> = buf[..n]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
+        let id = ids
+            .iter()
+            .copied()
+            .find(|id| dns::is_response_to(&reply, *id));
+        replies.push(serde_json::json!({
+            "id": id,
+            "from": from_sockaddr(&from).map(|a| a.to_string()),
+        }));
+    }
+    let mut fields = Fields::new();
+    fields.insert("sent".into(), sent.into());
+    fields.insert("replies".into(), replies.into());
+    Ok(fields)
+}
+
+/// `count` connects round-robin over `addrs`, each closed by the client right away.
+/// Fields: attempts, failures, errnos (`{"<errno>": count}`), elapsed_ms.
+pub fn churn(addrs: &[SocketAddr], count: u64, opts: &SocketOpts) -> Result<Fields, Failure> {
+    if addrs.is_empty() {
+        return Err(Failure::msg("no addresses given"));
+    }
+    let started = std::time::Instant::now();
+    let mut failures = 0u64;
+    let mut errnos: std::collections::BTreeMap<String, u64> = Default::default();
+    for i in 0..count {
+        let addr = addrs[(i % addrs.len() as u64) as usize];
+        if let Err(f) = dial_tcp(addr, opts) {
+            failures += 1;
+            let key = f
+                .to_json()
+                .get("errno")
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "none".into());
+            *errnos.entry(key).or_default() += 1;
+        }
+    }
+    let mut fields = Fields::new();
+    fields.insert("attempts".into(), count.into());
+    fields.insert("failures".into(), failures.into());
+    fields.insert(
+        "errnos".into(),
+        serde_json::to_value(errnos).unwrap_or_default(),
+    );
+    fields.insert(
+        "elapsed_ms".into(),
+        (started.elapsed().as_millis() as u64).into(),
+    );
     Ok(fields)
 }

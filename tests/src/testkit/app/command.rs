@@ -55,6 +55,28 @@ pub enum Command {
     LoopStop {
         id: String,
     },
+    /// One unconnected UDP socket sends an `example.com A` query to each server in turn, then
+    /// reads as many replies (musl's resolver does this with all its nameservers).
+    DnsUdpMulti {
+        servers: Vec<SocketAddr>,
+        #[serde(flatten)]
+        opts: SocketOpts,
+    },
+    /// A minimal ztunnel outbound listener (`[::]:port`, transparent, marked 0x539) that
+    /// accepts, reads each connection's original destination the way ztunnel does, and
+    /// closes it: cheap enough for churn. No events; counts on `sink_stop`.
+    SinkStart {
+        port: u16,
+    },
+    SinkStop,
+    /// `count` connects round-robin over `addrs`, each closed at once by the client (no
+    /// banner read): short-connection churn.
+    Churn {
+        addrs: Vec<SocketAddr>,
+        count: u64,
+        #[serde(flatten)]
+        opts: SocketOpts,
+    },
 }
 
 /// Where and how to connect.
@@ -78,6 +100,10 @@ pub struct SocketOpts {
     pub mark: Option<u32>,
     /// Connect and per-read timeout; default 3000 ms.
     pub timeout_ms: Option<u64>,
+    /// IPv4: send without the don't-fragment bit (`IP_PMTUDISC_DONT`), so that a smaller MTU
+    /// on the way fragments the segments.
+    #[serde(default)]
+    pub fragmentable: bool,
 }
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(3000);

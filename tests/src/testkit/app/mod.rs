@@ -8,6 +8,7 @@ pub mod command;
 mod loops;
 mod reply;
 mod server;
+mod sink;
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -32,6 +33,7 @@ pub fn run(mut input: impl BufRead, out: Arc<Output>) {
         out: out.clone(),
         held: HashMap::new(),
         loops: HashMap::new(),
+        sink: None,
     };
     loop {
         let line = match crate::sockets::read_line(&mut input, MAX_COMMAND) {
@@ -58,6 +60,7 @@ struct AppState {
     out: Arc<Output>,
     held: HashMap<String, Conn>,
     loops: HashMap<String, ConnectLoop>,
+    sink: Option<sink::Sink>,
 }
 
 impl AppState {
@@ -137,6 +140,20 @@ impl AppState {
                 self.loops.insert(id, handle);
                 Ok(Fields::new())
             }
+            Command::DnsUdpMulti { servers, opts } => client::dns_udp_multi(&servers, &opts),
+            Command::Churn { addrs, count, opts } => client::churn(&addrs, count, &opts),
+            Command::SinkStart { port } => {
+                if self.sink.is_some() {
+                    return Err(Failure::msg("a sink is running already"));
+                }
+                self.sink = Some(sink::Sink::start(port).map_err(|e| Failure::io("listen", &e))?);
+                Ok(Fields::new())
+            }
+            Command::SinkStop => self
+                .sink
+                .take()
+                .ok_or_else(|| Failure::msg("no sink running"))?
+                .stop(),
             Command::LoopStop { id } => self
                 .loops
                 .remove(&id)

@@ -1,0 +1,89 @@
+//! `sink_start`/`sink_stop`: the least a ztunnel outbound listener does per connection (accept,
+//! read the original destination as ztunnel does, close), on one thread, for churn tests.
+
+use std::io;
+use std::net::{Ipv6Addr, SocketAddr, TcpListener};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::reply::{Failure, Fields};
+use crate::sockets::{OrigDstFrom, ZTUNNEL_MARK, canonical, original_dst};
+
+#[derive(Default)]
+struct Counts {
+    accepted: u64,
+    /// SO_ORIGINAL_DST answered (rather than the local-address fallback).
+    answered: u64,
+    /// Answers that were not the connection's own destination.
+    wrong: u64,
+}
+
+pub struct Sink {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Counts>,
+}
+
+impl Sink {
+    pub fn start(port: u16) -> io::Result<Sink> {
+        let sock = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+        sock.set_only_v6(false)?;
+        sock.set_reuse_address(true)?;
+        sock.set_ip_transparent_v4(true)?;
+        sock.set_ip_transparent_v6(true)?;
+        sock.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+        sock.listen(4096)?;
+        sock.set_mark(ZTUNNEL_MARK)?;
+        // accept() wakes up at least this often to notice a stop.
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let listener: TcpListener = sock.into();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::Builder::new()
+            .name("sink".into())
+            .spawn(move || serve(&listener, &flag))?;
+        Ok(Sink { stop, thread })
+    }
+
+    /// Fields: accepted, answered, wrong.
+    pub fn stop(self) -> Result<Fields, Failure> {
+        self.stop.store(true, Ordering::SeqCst);
+        let c = self
+            .thread
+            .join()
+            .map_err(|_| Failure::msg("sink panicked"))?;
+        let mut f = Fields::new();
+        f.insert("accepted".into(), c.accepted.into());
+        f.insert("answered".into(), c.answered.into());
+        f.insert("wrong".into(), c.wrong.into());
+        Ok(f)
+    }
+}
+
+/// Stops only once the accept queue is empty (an accept timed out), so that every connection
+/// made before the stop is counted.
+fn serve(listener: &TcpListener, stop: &AtomicBool) -> Counts {
+    let mut c = Counts::default();
+    loop {
+        let Ok((conn, _)) = listener.accept() else {
+            if stop.load(Ordering::SeqCst) {
+                return c;
+            }
+            continue;
+        };
+        c.accepted += 1;
+        let local = conn.local_addr().map(canonical);
+        if let Ok((orig, from)) = original_dst(conn.as_fd()) {
+            if from != OrigDstFrom::Local {
+                c.answered += 1;
+            }
+            if local.is_ok_and(|l| l != orig) {
+                c.wrong += 1;
+            }
+        }
+    }
+}
