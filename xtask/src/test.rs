@@ -8,13 +8,16 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use crate::{bootstrap, cmd};
+use crate::{KernelChoice, bootstrap, cmd, vm};
 
 /// Runs every step, then ends with a one-line summary (exiting 1 on failure, so the summary
 /// stays the last line).
-pub fn run(extra: &[String]) -> Result<()> {
+pub fn run(vm_kernel: KernelChoice, extra: &[String]) -> Result<()> {
     let start = Instant::now();
-    let result = steps(extra);
+    let result = steps(extra).and_then(|()| {
+        // After the host's suite: a broken build fails fast there, not after a VM boot.
+        vm::run(&vm::Options::new(vm_kernel.series(), Vec::new()))
+    });
     let elapsed = fmt_elapsed(start.elapsed());
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -66,6 +69,30 @@ fn steps(extra: &[String]) -> Result<()> {
     test.arg("test").env("RUST_BACKTRACE", "1");
     if !extra.is_empty() {
         test.arg("--").args(extra);
+    }
+    cmd::run(&mut test)
+}
+
+/// `cargo xtask integration-test [--vm]`: only the privileged suite, on this kernel or in VMs.
+pub fn integration(vm: Option<vm::Options>, args: Vec<String>) -> Result<()> {
+    bootstrap::run()?;
+    if let Some(opts) = vm {
+        if opts.kernels.is_empty() {
+            bail!("--kernel none leaves nothing to run");
+        }
+        return vm::run(&opts);
+    }
+    if !bootstrap::is_root() {
+        bail!("the privileged suite needs root on the host (or use --vm)");
+    }
+    mount_bpffs()?;
+    cmd::run(cmd::cargo().args(["build", "--bins"]))?;
+    let mut test = cmd::cargo();
+    test.args(["test", "--package", "sluice-tests"])
+        .env("RUST_BACKTRACE", "1")
+        .env("CI", "true");
+    if !args.is_empty() {
+        test.arg("--").args(&args);
     }
     cmd::run(&mut test)
 }
