@@ -143,7 +143,8 @@ impl Apt {
             eprintln!("using cached {pkg}");
             return Ok(dir);
         }
-        let work = dir.with_extension(format!("tmp-{}", std::process::id()));
+        // Not `with_extension`: versions have dots.
+        let work = PathBuf::from(format!("{}.tmp-{}", dir.display(), std::process::id()));
         let _ = fs::remove_dir_all(&work);
         fs::create_dir_all(&work)?;
         let result = (|| {

@@ -168,20 +168,37 @@ impl GuestReport {
 }
 
 impl Executable {
-    /// The panic message's first line, or the last thing the test printed.
+    /// The panic message with its `Caused by:` chain on one line, or the last thing the
+    /// test printed.
     fn failure_reason(&self, test: &str) -> String {
         let lines = self.failure_text.get(test).map_or(&[][..], Vec::as_slice);
-        let after_panic = lines
+        if let Some(i) = lines.iter().position(|l| l.contains("panicked at")) {
+            let message: Vec<&str> = lines[i + 1..]
+                .iter()
+                .map(|l| l.trim())
+                .take_while(|l| {
+                    !l.starts_with("stack backtrace:")
+                        && !l.starts_with("Stack backtrace:")
+                        && !l.starts_with("note:")
+                })
+                .filter(|l| !l.is_empty() && *l != "Caused by:")
+                // anyhow numbers the causes when there are several: `0: ...`.
+                .map(|l| {
+                    l.split_once(": ")
+                        .filter(|(n, _)| n.parse::<u32>().is_ok())
+                        .map_or(l, |(_, c)| c)
+                })
+                .collect();
+            if !message.is_empty() {
+                return message.join(": ");
+            }
+        }
+        lines
             .iter()
-            .position(|l| l.contains("panicked at"))
-            .and_then(|i| lines[i + 1..].iter().find(|l| !l.trim().is_empty()));
-        let last = lines.iter().rev().find(|l| {
-            let l = l.trim();
-            !l.is_empty() && !l.starts_with("note:")
-        });
-        after_panic
-            .or(last)
-            .map_or_else(|| "no output captured".into(), |l| l.trim().to_string())
+            .rev()
+            .map(|l| l.trim())
+            .find(|l| !l.is_empty() && !l.starts_with("note:"))
+            .map_or_else(|| "no output captured".into(), str::to_string)
     }
 
     fn not_run_reason(&self, test: &str, timed_out: bool) -> String {
@@ -282,6 +299,25 @@ test stuck has been running for over 60 seconds
             &r.outcomes("third", &["t".into()], true)[0],
             Outcome::NotRun(why) if why.contains("before this executable ran")
         ));
+    }
+
+    #[test]
+    fn an_anyhow_panic_reports_its_causes() {
+        let r = feed(
+            "@@sluice-vm start x\ntest t ... FAILED\n\nfailures:\n\n---- t stdout ----\n\n\
+             thread 't' (3109) panicked at tests/tests/x.rs:256:14:\n\
+             called `Result::unwrap()` on an `Err` value: BPF_PROG_QUERY\n\nCaused by:\n\
+             \x20   Invalid argument (os error 22)\n\nStack backtrace:\n   0: f\n\n\
+             failures:\n    t\n@@sluice-vm exit x 101\n",
+        );
+        assert_eq!(
+            r.outcomes("x", &["t".into()], false),
+            [Outcome::Failed(
+                "called `Result::unwrap()` on an `Err` value: BPF_PROG_QUERY: \
+                 Invalid argument (os error 22)"
+                    .into()
+            )]
+        );
     }
 
     #[test]
