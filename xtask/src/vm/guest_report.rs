@@ -189,8 +189,18 @@ impl Executable {
                         .map_or(l, |(_, c)| c)
                 })
                 .collect();
-            if !message.is_empty() {
-                return message.join(": ");
+            // A cause the message already quotes (`{e:#}` then `{e:?}`) is said once.
+            let mut joined = String::new();
+            for part in message {
+                if !joined.contains(part) {
+                    if !joined.is_empty() {
+                        joined.push_str(": ");
+                    }
+                    joined.push_str(part);
+                }
+            }
+            if !joined.is_empty() {
+                return joined;
             }
         }
         lines
@@ -307,7 +317,8 @@ test stuck has been running for over 60 seconds
             "@@sluice-vm start x\ntest t ... FAILED\n\nfailures:\n\n---- t stdout ----\n\n\
              thread 't' (3109) panicked at tests/tests/x.rs:256:14:\n\
              called `Result::unwrap()` on an `Err` value: BPF_PROG_QUERY\n\nCaused by:\n\
-             \x20   Invalid argument (os error 22)\n\nStack backtrace:\n   0: f\n\n\
+             \x20   0: BPF_PROG_QUERY\n\
+             \x20   1: Invalid argument (os error 22)\n\nStack backtrace:\n   0: f\n\n\
              failures:\n    t\n@@sluice-vm exit x 101\n",
         );
         assert_eq!(
