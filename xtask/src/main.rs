@@ -49,6 +49,9 @@ enum Command {
         /// Seconds a test executable may run in the guest before it is killed.
         #[arg(long, default_value_t = 600)]
         executable_timeout: u64,
+        /// Seconds a guest may run, boot to power-off, before qemu is killed.
+        #[arg(long, default_value_t = 1800)]
+        guest_timeout: u64,
         /// Passed to every test executable, e.g. a test name filter.
         #[arg(last = true)]
         args: Vec<String>,
@@ -106,12 +109,14 @@ fn run(command: Command) -> Result<()> {
             kernel,
             test_threads,
             executable_timeout,
+            guest_timeout,
             args,
         } => {
             let vm = vm.then(|| {
                 let mut opts = vm::Options::new(kernel.series(), args.clone());
                 opts.run.test_threads = test_threads;
                 opts.run.executable_timeout = std::time::Duration::from_secs(executable_timeout);
+                opts.timeout = std::time::Duration::from_secs(guest_timeout);
                 opts
             });
             test::integration(vm, args)
