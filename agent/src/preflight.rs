@@ -199,13 +199,7 @@ mod tests {
         ] {
             check_kernel(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
-        for old in [
-            "5.16.20",
-            "5.15.0-91-generic",
-            "4.19",
-            "garbage",
-            "",
-        ] {
+        for old in ["5.16.20", "5.15.0-91-generic", "4.19", "garbage", ""] {
             let e = check_kernel(old).unwrap_err();
             assert!(
                 matches!(e, PreflightError::KernelTooOld { .. }),

@@ -20,6 +20,8 @@ use crate::harness::{Bpffs, Cgroup, run_in_netns, unique};
 
 pub const HEALTH_PORT: u16 = 8000;
 pub const METRICS_PORT: u16 = 15014;
+/// How long a running agent may take to stop once `uninstall` asked it to.
+const UNINSTALL_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Path of the `sluice-agent` binary: `SLUICE_AGENT_BIN`, else next to the test binaries.
 pub fn agent_bin() -> PathBuf {
@@ -333,7 +335,19 @@ impl AgentProc {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = self.cli(&args)?;
         if let Some(mut child) = self.child.take() {
-            let _ = child.wait();
+            // Bounded: an agent that missed the request (e.g. still loading when a failed test
+            // drops its fixture) must not hang the test run.
+            let deadline = Instant::now() + UNINSTALL_STOP_TIMEOUT;
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!(
+                        "the agent still ran {UNINSTALL_STOP_TIMEOUT:?} after uninstall: killed it"
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         if !out.status.success() {
             bail!("uninstall failed: {}", String::from_utf8_lossy(&out.stderr));

@@ -19,6 +19,11 @@ const LINKER_PACKAGES: &[&str] = &[
 /// table with `nft`.)
 pub const TEST_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables", "bpftool", "procps"];
 
+/// Debian packages the VM suite uses on the host: the emulator, and the tools that unpack
+/// kernels, resolve and decompress modules, and strip test binaries for the initramfs.
+/// (The kernels and busybox themselves are only downloaded, never installed.)
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "xz-utils", "binutils"];
+
 pub fn run() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
@@ -39,7 +44,11 @@ pub fn is_root() -> bool {
 
 fn apt_packages() -> Result<()> {
     let mut missing = Vec::new();
-    for &pkg in LINKER_PACKAGES.iter().chain(TEST_PACKAGES) {
+    for &pkg in LINKER_PACKAGES
+        .iter()
+        .chain(TEST_PACKAGES)
+        .chain(VM_PACKAGES)
+    {
         let status = cmd::probe(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]));
         let present = status.as_deref() == Some("install ok installed");
         eprintln!(

@@ -1,6 +1,9 @@
 //! Child processes: echo each command before running it, and name it when it fails.
 use std::{
+    env,
     ffi::OsStr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -37,6 +40,35 @@ pub fn run_shown(cmd: &mut Command, shown: &str) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cmd` (echoed, stderr inherited) and returns its stdout; fails like [`run`].
+pub fn stdout(cmd: &mut Command) -> Result<String> {
+    let line = display(cmd);
+    eprintln!("$ {line}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot start `{line}`"))?;
+    if !out.status.success() {
+        bail!("`{line}` failed ({})", out.status);
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("`{line}` printed non-UTF-8"))
+}
+
+/// Runs a query silently and returns its stdout; a failure carries the command and its stderr.
+pub fn query(cmd: &mut Command) -> Result<String> {
+    let line = display(cmd);
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start `{line}`"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        bail!("`{line}` failed ({}): {}", out.status, stderr.trim());
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("`{line}` printed non-UTF-8"))
+}
+
 /// Runs `cmd` silently for a presence check: its stdout if it succeeded, else `None`.
 pub fn probe(cmd: &mut Command) -> Option<String> {
     let out = cmd
@@ -47,6 +79,20 @@ pub fn probe(cmd: &mut Command) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The executable `name` on PATH, or in the sbin directories a non-root PATH may lack.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH").unwrap_or_default();
+    env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    p.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// Shell-like rendering, including environment overrides, for logs and errors.

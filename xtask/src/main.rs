@@ -5,6 +5,7 @@ mod cmd;
 mod demo;
 mod kube_apiserver;
 mod test;
+mod vm;
 
 use std::{env, path::PathBuf, process::ExitCode};
 
@@ -26,6 +27,9 @@ enum Command {
     Build,
     /// Bootstrap, fmt check, clippy, then every test (privileged ones need root).
     Test {
+        /// Kernels for the VM suite that runs after the host's (`none` skips it).
+        #[arg(long, value_enum, default_value_t = KernelChoice::All)]
+        vm_kernel: KernelChoice,
         /// Passed to the test runner, e.g. `cargo xtask test -- --test-threads=1`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -44,6 +48,50 @@ enum Command {
     /// Build kube-apiserver v1.20.2 and fetch etcd for the tests, unless already cached
     /// (under `$XDG_CACHE_HOME/sluice`, default `~/.cache/sluice`); prints their directory.
     KubeApiserver,
+    /// The privileged integration suite: on this kernel, or with `--vm` in qemu on Debian's
+    /// 6.1 and 6.12 cloud kernels.
+    IntegrationTest {
+        /// Run in qemu (software emulation) instead of on the host's kernel.
+        #[arg(long)]
+        vm: bool,
+        /// Which kernel(s) with `--vm`.
+        #[arg(long, value_enum, default_value_t = KernelChoice::All)]
+        kernel: KernelChoice,
+        /// libtest threads per test executable in the guest.
+        #[arg(long, default_value_t = 2)]
+        test_threads: u32,
+        /// Seconds a test executable may run in the guest before it is killed.
+        #[arg(long, default_value_t = 600)]
+        executable_timeout: u64,
+        /// Seconds a guest may run, boot to power-off, before qemu is killed.
+        #[arg(long, default_value_t = 1800)]
+        guest_timeout: u64,
+        /// Passed to every test executable, e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelChoice {
+    #[value(name = "6.1")]
+    V6_1,
+    #[value(name = "6.12")]
+    V6_12,
+    All,
+    /// Only valid for `test`: skip the VM suite.
+    None,
+}
+
+impl KernelChoice {
+    pub fn series(self) -> Vec<vm::Series> {
+        match self {
+            KernelChoice::V6_1 => vec![vm::Series::V6_1],
+            KernelChoice::V6_12 => vec![vm::Series::V6_12],
+            KernelChoice::All => vm::Series::ALL.to_vec(),
+            KernelChoice::None => Vec::new(),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -68,7 +116,7 @@ fn run(command: Command) -> Result<()> {
             bootstrap::run()?;
             cmd::run(cmd::cargo().args(["build", "--all-targets"]))
         }
-        Command::Test { args } => test::run(&args),
+        Command::Test { vm_kernel, args } => test::run(vm_kernel, &args),
         Command::Demo => demo::run(),
         Command::Bench { quick, out } => bench::run(
             quick,
@@ -78,6 +126,23 @@ fn run(command: Command) -> Result<()> {
             let dir = kube_apiserver::ensure()?;
             println!("{}", dir.display());
             Ok(())
+        }
+        Command::IntegrationTest {
+            vm,
+            kernel,
+            test_threads,
+            executable_timeout,
+            guest_timeout,
+            args,
+        } => {
+            let vm = vm.then(|| {
+                let mut opts = vm::Options::new(kernel.series(), args.clone());
+                opts.run.test_threads = test_threads;
+                opts.run.executable_timeout = std::time::Duration::from_secs(executable_timeout);
+                opts.timeout = std::time::Duration::from_secs(guest_timeout);
+                opts
+            });
+            test::integration(vm, args)
         }
     }
 }

@@ -8,16 +8,19 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use crate::{bootstrap, cmd, kube_apiserver};
+use crate::{KernelChoice, bootstrap, cmd, kube_apiserver, vm};
 
 /// Tells the tests where `kube-apiserver` and `etcd` are (see `tests/src/kube`).
 const KUBE_BIN_DIR_VAR: &str = "SLUICE_KUBE_BIN_DIR";
 
 /// Runs every step, then ends with a one-line summary (exiting 1 on failure, so the summary
 /// stays the last line).
-pub fn run(extra: &[String]) -> Result<()> {
+pub fn run(vm_kernel: KernelChoice, extra: &[String]) -> Result<()> {
     let start = Instant::now();
-    let result = steps(extra);
+    let result = steps(extra).and_then(|()| {
+        // After the host's suite: a broken build fails fast there, not after a VM boot.
+        vm::run(&vm::Options::new(vm_kernel.series(), Vec::new()))
+    });
     let elapsed = fmt_elapsed(start.elapsed());
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -99,7 +102,32 @@ fn bench_smoke() -> Result<()> {
 /// The agent under test carries fault injection (`FAILPOINTS`), which the crash-window tests
 /// use; every step builds with the same features so nothing (the eBPF object included) is
 /// built twice.
-const TEST_FEATURES: &[&str] = &["--features", "sluice-agent/failpoints"];
+pub const TEST_FEATURES: &[&str] = &["--features", "sluice-agent/failpoints"];
+
+/// `cargo xtask integration-test [--vm]`: only the privileged suite, on this kernel or in VMs.
+pub fn integration(vm: Option<vm::Options>, args: Vec<String>) -> Result<()> {
+    bootstrap::run()?;
+    if let Some(opts) = vm {
+        if opts.kernels.is_empty() {
+            bail!("--kernel none leaves nothing to run");
+        }
+        return vm::run(&opts);
+    }
+    if !bootstrap::is_root() {
+        bail!("the privileged suite needs root on the host (or use --vm)");
+    }
+    mount_bpffs()?;
+    cmd::run(cmd::cargo().args(["build", "--bins"]).args(TEST_FEATURES))?;
+    let mut test = cmd::cargo();
+    test.args(["test", "--package", "sluice-tests"])
+        .args(TEST_FEATURES)
+        .env("RUST_BACKTRACE", "1")
+        .env("CI", "true");
+    if !args.is_empty() {
+        test.arg("--").args(&args);
+    }
+    cmd::run(&mut test)
+}
 
 fn is_ci() -> bool {
     env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")

@@ -24,8 +24,8 @@
 use std::collections::{BTreeSet, HashSet};
 use std::os::fd::AsFd;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Duration;
 
@@ -55,22 +55,29 @@ pub fn run(tag: Option<String>, args: ZdsArgs) -> ExitCode {
         }
     });
 
-    // Whichever ends first decides the exit: stdin closing, or giving up on the socket.
+    // Whichever ends first decides the exit: stdin closing, or giving up on the socket. A
+    // give-up wins even if stdin closes first: the test that saw its event closes stdin next.
+    let gave_up = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = mpsc::channel::<ExitCode>();
     let stdin_done = done_tx.clone();
     thread::spawn(move || {
         wait_for_stdin_eof();
         let _ = stdin_done.send(ExitCode::SUCCESS);
     });
+    let gave_up_flag = gave_up.clone();
     let spawned = thread::Builder::new().name("zds".into()).spawn(move || {
-        let mut peer = ZdsPeer::new(args, out, Workloads::new(events_tx, tag));
+        let mut peer = ZdsPeer::new(args, out, Workloads::new(events_tx, tag), gave_up_flag);
         let _ = done_tx.send(peer.serve());
     });
     if spawned.is_err() {
         return ExitCode::FAILURE;
     }
     // Returning exits the process; the listener threads go with it.
-    done_rx.recv().unwrap_or(ExitCode::FAILURE)
+    let code = done_rx.recv().unwrap_or(ExitCode::FAILURE);
+    if gave_up.load(Ordering::SeqCst) {
+        return ExitCode::FAILURE;
+    }
+    code
 }
 
 struct ZdsPeer {
@@ -81,16 +88,24 @@ struct ZdsPeer {
     nacks_left: HashSet<String>,
     /// Counts connections, so events of an old one can be told apart.
     connection: u32,
+    /// Set before the give-up event is emitted.
+    gave_up: Arc<AtomicBool>,
 }
 
 impl ZdsPeer {
-    fn new(args: ZdsArgs, out: Arc<Output>, workloads: Workloads) -> ZdsPeer {
+    fn new(
+        args: ZdsArgs,
+        out: Arc<Output>,
+        workloads: Workloads,
+        gave_up: Arc<AtomicBool>,
+    ) -> ZdsPeer {
         ZdsPeer {
             nacks_left: args.nack_uids.iter().cloned().collect(),
             args,
             out,
             workloads,
             connection: 0,
+            gave_up,
         }
     }
 
@@ -137,6 +152,9 @@ impl ZdsPeer {
                 }
                 Err(e) => {
                     let retry = (!may_give_up).then_some(backoff.as_millis() as u64);
+                    if may_give_up {
+                        self.gave_up.store(true, Ordering::SeqCst);
+                    }
                     self.emit(json!({
                         "event": "zds_connect",
                         "attempt": attempt,
