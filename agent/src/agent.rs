@@ -20,6 +20,7 @@ use crate::{
     dataplane::{self, Dataplane, DataplaneConfig, EnrollOptions, MapFill, pod_net},
     metrics::{DataplaneStats, Metrics},
     netns::Netns,
+    policy::EnrollPolicy,
     state::{Phase, PodRecord, StateError, StateStore},
     status::{MapFillStatus, PodStatus, Status},
     zds::{AckResult, AckState, Hub, Workload, proto::WorkloadInfo},
@@ -33,6 +34,8 @@ pub struct AgentSettings {
     pub ipv6: bool,
     /// How long an enroll request waits for ztunnel's ACK by default.
     pub ack_wait: Duration,
+    /// Which pods a CNI ADD enrolls.
+    pub policy: EnrollPolicy,
 }
 
 impl Default for AgentSettings {
@@ -41,6 +44,7 @@ impl Default for AgentSettings {
             dns_capture: true,
             ipv6: true,
             ack_wait: Duration::from_secs(5),
+            policy: EnrollPolicy::standalone([], []),
         }
     }
 }
@@ -160,6 +164,10 @@ impl Agent {
         self.ready.load(Ordering::SeqCst)
     }
 
+    pub fn settings(&self) -> &AgentSettings {
+        &self.settings
+    }
+
     /// Refuses new enrollments from now on, and stops reporting ready (graceful stop).
     pub fn begin_shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -235,8 +243,13 @@ impl Agent {
         }
         let cookie = ns.cookie()?;
         let mut table = lock(&self.pods);
-        if let Some(existing) = table.get(&req.uid) {
+        if let Some(existing) = table.get_mut(&req.uid) {
             if existing.record.netns_cookie == cookie {
+                if req.container_id.is_some() && existing.record.container_id != req.container_id {
+                    // Enrolled by hand first: from now on the sandbox's DEL lets it go.
+                    existing.record.container_id = req.container_id.clone();
+                    self.save(&table)?;
+                }
                 let ztunnel = self
                     .hub
                     .states()
@@ -280,6 +293,7 @@ impl Agent {
             bypass_inbound: req.bypass_inbound,
             ipv6: self.settings.ipv6,
             phase: Phase::Enrolling,
+            container_id: req.container_id.clone(),
         };
         let ns = Arc::new(ns);
         table.insert(
@@ -372,6 +386,40 @@ impl Agent {
         Ok(())
     }
 
+    /// Un-enrolls the pod that `container_id`'s CNI ADD enrolled, if any; checked and done under
+    /// the same lock, so a newer sandbox of the same pod is never let go by an older one's DEL.
+    pub async fn unenroll_container(
+        self: &Arc<Self>,
+        container_id: String,
+    ) -> Result<Option<String>, AgentError> {
+        let _serial = self.ops.lock().await;
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let mut table = lock(&this.pods);
+            let uid = table
+                .values()
+                .find(|p| p.record.container_id.as_deref() == Some(container_id.as_str()))
+                .map(|p| p.record.uid.clone());
+            match uid {
+                Some(uid) => this.unenroll_locked(&mut table, &uid).map(|()| Some(uid)),
+                None => Ok(None),
+            }
+        })
+        .await
+        .map_err(|e| AgentError::Io(std::io::Error::other(e)))?
+    }
+
+    /// (uid, sandbox container id) of every pod a CNI ADD enrolled.
+    pub fn cni_containers(&self) -> Vec<(String, String)> {
+        lock(&self.pods)
+            .values()
+            .filter_map(|p| {
+                let c = p.record.container_id.clone()?;
+                Some((p.record.uid.clone(), c))
+            })
+            .collect()
+    }
+
     /// Unenrolls pods whose netns path no longer names their namespace: the pod is gone (its
     /// sandbox was torn down) and nobody told us. Returns the uids let go.
     pub async fn collect_vanished(self: &Arc<Self>) -> Vec<String> {
@@ -413,6 +461,7 @@ impl Agent {
                     bypass_inbound: r.bypass_inbound,
                     ipv6: r.ipv6,
                     ztunnel: states.get(&r.uid).cloned().unwrap_or(AckState::Pending),
+                    container_id: r.container_id.clone(),
                 }
             })
             .collect();

@@ -4,15 +4,23 @@
 //! - [`agent`]: the pod table and its operations; [`state`]: its persistence;
 //! - [`zds`]: the ZDS server ztunnel connects to; [`control`]: the control socket;
 //! - [`http`], [`metrics`], [`status`]: health, Prometheus metrics, inspection;
-//! - [`cli`], [`run`], [`uninstall`], [`logging`]: the `sluice-agent` command.
+//! - [`cli`], [`run`], [`uninstall`], [`logging`]: the `sluice-agent` command;
+//! - [`cni`]: the `sluice-cni` plugin; [`cni_ops`]: the agent's side of its requests;
+//!   [`policy`]: which pods a CNI ADD enrolls; [`cni_install`]: installing the plugin and its
+//!   conflist entry; [`readiness`]: conditions `/readyz` waits for.
 pub mod agent;
 pub mod cli;
+pub mod cni;
+pub mod cni_install;
+pub mod cni_ops;
 pub mod control;
 pub mod dataplane;
 pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod netns;
+pub mod policy;
+pub mod readiness;
 pub mod run;
 pub mod shutdown;
 pub mod state;

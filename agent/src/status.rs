@@ -19,6 +19,9 @@ pub struct PodStatus {
     #[serde(default = "yes")]
     pub ipv6: bool,
     pub ztunnel: AckState,
+    /// Set when the pod was enrolled by a CNI ADD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

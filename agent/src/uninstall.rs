@@ -7,6 +7,7 @@ use tracing::info;
 
 use crate::{
     cli::NodeArgs,
+    cni_install::Installer,
     control::{api::Request, client},
     dataplane::{self, Dataplane, DataplaneConfig},
     netns::Netns,
@@ -15,6 +16,11 @@ use crate::{
 
 pub fn uninstall(args: &NodeArgs, control_socket: &Path) -> anyhow::Result<()> {
     stop_running_agent(control_socket)?;
+    // The CNI entry first: from here on new pods start without asking for an agent.
+    if let Some(conf_dir) = &args.cni_conf_dir {
+        let rewritten = Installer::uninstall(conf_dir, &args.cni_bin_dir)?;
+        info!(configs = ?rewritten, "removed the sluice-cni entry and binary");
+    }
     let store = StateStore::open(&args.state_dir).context("opening the state directory")?;
     let records = store.load()?;
     let cgroup = match &args.cgroup {
@@ -40,7 +46,7 @@ pub fn uninstall(args: &NodeArgs, control_socket: &Path) -> anyhow::Result<()> {
         }
     }
     store.remove()?;
-    info!("uninstalled: no pins, links, pod rules, sockets or state left");
+    info!("uninstalled: no pins, links, pod rules, sockets, state or CNI entry left");
     Ok(())
 }
 
