@@ -68,10 +68,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Uninstall(args) => uninstall::uninstall(&args, &socket),
         Command::InstallCni(a) => {
-            let Some(installer) = setup::installer(&a.node, &a.cni, &socket)? else {
+            let Some(mut installer) = setup::installer(&a.node, &a.cni, &socket)? else {
                 anyhow::bail!("install-cni needs --cni-conf-dir (or MOUNTED_CNI_NET_DIR)");
             };
-            let config = setup::install_once(&installer, a.wait)?;
+            let config = setup::install_once(&mut installer, a.wait)?;
             println!("{}", config.display());
             Ok(())
         }

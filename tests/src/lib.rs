@@ -6,8 +6,10 @@
 //!   any network namespace; the `sluice-testkit peer` subcommand is one user of it.
 //! - [`testkit`]: the rest of the `sluice-testkit` binary (the `app` command server).
 //! - [`sockets`], [`dns`]: small socket and DNS helpers shared by the above.
+//! - [`cni_runtime`]: a runtime's CNI side in miniature, to run plugin chains as libcni does.
 
 pub mod agent_proc;
+pub mod cni_runtime;
 pub mod dns;
 pub mod fixture;
 pub mod harness;

@@ -56,18 +56,53 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     result
 }
 
+/// What a file looked like: enough to tell it was not touched since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    mode: u32,
+}
+
+impl Stamp {
+    pub fn of(path: &Path) -> io::Result<Stamp> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = fs::metadata(path)?;
+        Ok(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            mode: m.mode(),
+        })
+    }
+}
+
 /// Installs `src` at `dst` (mode 0755) unless `dst` already has the same bytes. Returns
 /// whether it wrote. A runtime exec'ing the old binary keeps running it: the new one is a new
-/// file renamed into place.
-pub fn install_binary(src: &Path, dst: &Path) -> io::Result<bool> {
-    let new = fs::read(src)?;
-    if fs::read(dst).is_ok_and(|old| old == new)
-        && fs::metadata(dst).is_ok_and(|m| m.permissions().mode() & 0o777 == 0o755)
+/// file renamed into place. `seen` remembers both files as they were after the last call, so
+/// that an untouched pair is not read again.
+pub fn install_binary(
+    src: &Path,
+    dst: &Path,
+    seen: &mut Option<(Stamp, Stamp)>,
+) -> io::Result<bool> {
+    let now = (Stamp::of(src)?, Stamp::of(dst).ok());
+    if let (Some(prev), (s, Some(d))) = (*seen, now)
+        && prev == (s, d)
     {
         return Ok(false);
     }
-    write_atomic(dst, &new, 0o755)?;
-    Ok(true)
+    let new = fs::read(src)?;
+    let same = fs::read(dst).is_ok_and(|old| old == new)
+        && fs::metadata(dst).is_ok_and(|m| m.permissions().mode() & 0o777 == 0o755);
+    if !same {
+        write_atomic(dst, &new, 0o755)?;
+    }
+    *seen = Some((now.0, Stamp::of(dst)?));
+    Ok(!same)
 }
 
 /// Permission bits of `path`.
@@ -150,12 +185,18 @@ mod tests {
     fn the_binary_is_copied_only_when_it_differs() {
         let dir = tempdir("files-bin");
         let (src, dst) = (dir.join("src"), dir.join("sluice-cni"));
+        let mut seen = None;
         fs::write(&src, b"v1").unwrap();
-        assert!(install_binary(&src, &dst).unwrap());
+        assert!(install_binary(&src, &dst, &mut seen).unwrap());
         assert_eq!(mode_of(&dst).unwrap(), 0o755);
-        assert!(!install_binary(&src, &dst).unwrap());
+        assert!(!install_binary(&src, &dst, &mut seen).unwrap());
+        assert!(!install_binary(&src, &dst, &mut None).unwrap());
         fs::write(&src, b"v2").unwrap();
-        assert!(install_binary(&src, &dst).unwrap());
+        assert!(install_binary(&src, &dst, &mut seen).unwrap());
+        assert_eq!(fs::read(&dst).unwrap(), b"v2");
+        // Someone else's change to the installed copy is noticed.
+        write_atomic(&dst, b"tampered", 0o755).unwrap();
+        assert!(install_binary(&src, &dst, &mut seen).unwrap());
         assert_eq!(fs::read(&dst).unwrap(), b"v2");
         remove(&dst).unwrap();
         remove(&dst).unwrap();

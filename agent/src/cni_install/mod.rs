@@ -65,12 +65,14 @@ pub enum Plan {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Installer {
     conf_dir: PathBuf,
     bin_dir: PathBuf,
     plugin: PathBuf,
     entry: Value,
+    /// The plugin and its installed copy as the last check left them.
+    binary_seen: Option<(files::Stamp, files::Stamp)>,
 }
 
 impl Installer {
@@ -87,6 +89,7 @@ impl Installer {
             bin_dir: bin_dir.to_path_buf(),
             plugin: plugin.to_path_buf(),
             entry: Value::Object(entry),
+            binary_seen: None,
         }
     }
 
@@ -117,15 +120,17 @@ impl Installer {
     }
 
     /// Copies the plugin binary in if it is missing or differs. Returns whether it wrote.
-    pub fn install_binary(&self) -> Result<bool, InstallError> {
+    pub fn install_binary(&mut self) -> Result<bool, InstallError> {
         let dst = self.binary();
-        files::install_binary(&self.plugin, &dst).map_err(|source| InstallError::Io {
-            path: if self.plugin.exists() {
-                dst
-            } else {
-                self.plugin.clone()
-            },
-            source,
+        files::install_binary(&self.plugin, &dst, &mut self.binary_seen).map_err(|source| {
+            InstallError::Io {
+                path: if self.plugin.exists() {
+                    dst
+                } else {
+                    self.plugin.clone()
+                },
+                source,
+            }
         })
     }
 
@@ -346,7 +351,7 @@ mod tests {
 
     #[test]
     fn uninstall_removes_the_entry_and_the_binary() {
-        let (root, inst) = setup("uninstall");
+        let (root, mut inst) = setup("uninstall");
         let d = inst.conf_dir().to_path_buf();
         let body = r#"{"cniVersion":"1.0.0","name":"a","plugins":[{"type":"bridge"}]}"#;
         write(&d.join("10-a.conflist"), body, 0o600);

@@ -59,7 +59,7 @@ fn sibling_plugin() -> anyhow::Result<PathBuf> {
 
 /// Installs the binary and chains the entry once. Without a config to chain into, fails, or
 /// with `wait`, waits for one.
-pub fn install_once(installer: &Installer, wait: bool) -> anyhow::Result<PathBuf> {
+pub fn install_once(installer: &mut Installer, wait: bool) -> anyhow::Result<PathBuf> {
     installer.ensure_dirs()?;
     if installer.install_binary()? {
         info!(path = %installer.binary().display(), "installed the sluice-cni binary");
