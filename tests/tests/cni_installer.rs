@@ -76,8 +76,8 @@ fn installer_chains_restores_and_readiness_follows() {
     if !require_root() {
         return;
     }
-    let fx = AgentFixture::spawn_cni(Path::new(TESTKIT), 0, &["--ambient-namespaces", "mesh"])
-        .unwrap();
+    let fx =
+        AgentFixture::spawn_cni(Path::new(TESTKIT), 0, &["--ambient-namespaces", "mesh"]).unwrap();
     let cni = fx.agent.paths.cni.clone().unwrap();
     let conflist = cni.conf_dir.join("10-bridge.conflist");
     let installed = cni.bin_dir.join("sluice-cni");
@@ -93,12 +93,18 @@ fn installer_chains_restores_and_readiness_follows() {
     wait_until("ready", || readyz(&fx).0 == 200).unwrap();
     assert_eq!(types(&conflist), ["bridge", "portmap", "sluice-cni"]);
     let entry = read(&conflist).unwrap()["plugins"][2].clone();
-    assert_eq!(entry["agent_socket"], fx.agent.paths.control.display().to_string());
+    assert_eq!(
+        entry["agent_socket"],
+        fx.agent.paths.control.display().to_string()
+    );
     assert_eq!(entry["ambient_namespaces"], json!(["mesh"]));
     assert_eq!(entry["exclude_namespaces"], json!(["kube-system"]));
     let mode = std::fs::metadata(&conflist).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o640, "the file mode is kept");
-    assert_eq!(std::fs::read(&installed).unwrap(), std::fs::read(cni_bin()).unwrap());
+    assert_eq!(
+        std::fs::read(&installed).unwrap(),
+        std::fs::read(cni_bin()).unwrap()
+    );
 
     // The primary CNI rewrites its file, without our entry: put back.
     for round in 1..=3 {
@@ -117,7 +123,10 @@ fn installer_chains_restores_and_readiness_follows() {
         .unwrap();
     }
     let log = fx.agent.log();
-    assert!(log.contains("was rewritten without the sluice-cni entry"), "{log}");
+    assert!(
+        log.contains("was rewritten without the sluice-cni entry"),
+        "{log}"
+    );
     assert!(log.contains("3 times in the last 60 s"), "{log}");
 
     // The primary CNI removes its config (restarting), and comes back with a .conf: not ready
@@ -149,7 +158,11 @@ fn installer_chains_restores_and_readiness_follows() {
     std::fs::remove_file(&installed).unwrap();
     wait_until("the binary is back", || installed.exists()).unwrap();
     wait_until("ready", || readyz(&fx).0 == 200).unwrap();
-    assert!(fx.agent.log().contains("a new configuration"), "{}", fx.agent.log());
+    assert!(
+        fx.agent.log().contains("a new configuration"),
+        "{}",
+        fx.agent.log()
+    );
 }
 
 /// Stopping the agent (upgrade, restart) leaves the entry and binary, so new pods fail closed
@@ -167,7 +180,10 @@ fn stop_leaves_the_entry_and_uninstall_removes_it() {
     assert_eq!(types(&conflist), ["bridge", "portmap", "sluice-cni"]);
     // No ambient namespaces set: the list is written, empty (the plugin passes other pods
     // while the agent is down).
-    assert_eq!(read(&conflist).unwrap()["plugins"][2]["ambient_namespaces"], json!([]));
+    assert_eq!(
+        read(&conflist).unwrap()["plugins"][2]["ambient_namespaces"],
+        json!([])
+    );
 
     let status = fx.agent.terminate().unwrap();
     assert!(status.success(), "{status}");
@@ -213,6 +229,13 @@ fn install_cni_runs_once() {
 
     // Once more: nothing to do, same answer.
     let out = install_cni(work.path(), &[]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), conflist.display().to_string());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        conflist.display().to_string()
+    );
 }

@@ -15,7 +15,19 @@ const LINKER_PACKAGES: &[&str] = &[
 ];
 
 /// Debian packages the integration tests use. Extend here when tests need more tools.
-pub const TEST_PACKAGES: &[&str] = &["iproute2", "iptables", "bpftool", "procps"];
+pub const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "bpftool",
+    "procps",
+    // The CNI tests: a real runtime (containerd, runc), the reference plugins the plugin is
+    // chained after, busybox for the test's own pause image, protoc for the CRI bindings.
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "busybox-static",
+    "protobuf-compiler",
+];
 
 pub fn run() -> Result<()> {
     apt_packages()?;
