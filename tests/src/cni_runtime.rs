@@ -329,15 +329,16 @@ pub fn link_reference_plugins(bin_dir: &Path, types: &[&str]) -> Result<()> {
 }
 
 /// A bridge + host-local (+ portmap) list, as a simple primary CNI writes it: pods on a bridge
-/// in the node namespace, addresses from `subnet`, a route to `routes` only (no default route,
-/// no masquerade: nothing leaves the machine).
+/// in the node namespace, one address per `(subnet, route)` range and a route to `route` only
+/// (no default route, no masquerade: nothing leaves the machine).
 pub fn bridge_conflist(
     version: &str,
     bridge: &str,
-    subnet: &str,
-    route: &str,
+    ranges: &[(&str, &str)],
     ipam_dir: &Path,
 ) -> Value {
+    let subnets: Vec<Value> = ranges.iter().map(|(s, _)| json!([{"subnet": s}])).collect();
+    let routes: Vec<Value> = ranges.iter().map(|(_, r)| json!({"dst": r})).collect();
     json!({
         "cniVersion": version,
         "name": "sluice-test",
@@ -349,8 +350,8 @@ pub fn bridge_conflist(
                 "ipMasq": false,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": subnet}]],
-                    "routes": [{"dst": route}],
+                    "ranges": subnets,
+                    "routes": routes,
                     "dataDir": ipam_dir.display().to_string()
                 }
             },

@@ -84,7 +84,12 @@ fn containerd_sandbox_is_enrolled_through_sluice_cni_and_released() {
     .unwrap();
     // The primary CNI: a bridge in the node namespace, addresses from SUBNET, a route to it
     // only, no masquerade.
-    let primary = bridge_conflist("1.0.0", "slbr0", SUBNET, SUBNET, &work.path().join("ipam"));
+    let primary = bridge_conflist(
+        "1.0.0",
+        "slbr0",
+        &[(SUBNET, SUBNET)],
+        &work.path().join("ipam"),
+    );
     std::fs::write(
         cni.conf_dir.join("10-bridge.conflist"),
         serde_json::to_vec_pretty(&primary).unwrap(),
