@@ -92,7 +92,7 @@ fn run() -> Result<()> {
             .agent
             .http_get(HEALTH_PORT, "/readyz")
             .unwrap_or_default();
-        if body.contains("cni-config") || std::time::Instant::now() > deadline {
+        if body.contains("no CNI network configuration") || std::time::Instant::now() > deadline {
             break (code, body);
         }
         std::thread::sleep(Duration::from_millis(20));
