@@ -20,6 +20,11 @@ pub async fn add(agent: &Arc<Agent>, req: CniAddRequest) -> Result<CniAddReply, 
     if let Decision::Skip(reason) = policy.decide(&req) {
         return Ok(CniAddReply::Skipped { reason });
     }
+    if req.ips.is_empty() {
+        return Err(AgentError::Invalid(
+            "prevResult has no address inside the pod: sluice-cni must be chained after the plugin that assigns the pod's IPs".into(),
+        ));
+    }
     // Leave the plugin time to hear the answer: wait for ztunnel at most half its timeout.
     let ack_wait = agent.settings().ack_wait;
     let wait = req

@@ -105,7 +105,7 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
     // Chained only once the agent can answer the plugin.
     if let Some(installer) = cni_install::setup::installer(&args.node, &args.cni, &control_socket)?
     {
-        tasks.spawn(cni_install::watch::run(
+        tasks.spawn(cni_install::watch::start(
             installer,
             Arc::clone(&readiness),
             stop_rx.clone(),

@@ -454,6 +454,16 @@ fn agent_down_then_back() {
     );
     let add = env("ADD", "sb", pod.path(), "mesh", Some("u-0"));
     let path = pod.path().to_path_buf();
+    // Chained before the plugin that assigns the pod's IPs: refused, saying so.
+    let no_ips = conf(
+        "1.0.0",
+        &sock,
+        json!({}),
+        Some(prev_result("1.0.0", pod.path(), &[])),
+    );
+    let out = run(&add, &no_ips);
+    assert_eq!(error_code(&out, "1.0.0"), 11);
+    assert!(out.stdout.contains("chained after"), "{}", out.stdout);
     fx.agent.kill();
     let out = run(&add, &stdin);
     assert_eq!(error_code(&out, "1.0.0"), 11);

@@ -27,13 +27,22 @@ const RESYNC: Duration = Duration::from_secs(30);
 /// Lets a burst of events (a file written in several steps) end before looking.
 const SETTLE: Duration = Duration::from_millis(20);
 
-/// Runs until `stop`; leaves the entry and binary in place when it ends.
-pub async fn run(
+/// Holds readiness at once (before the agent reports ready), then returns the installer's
+/// loop, which runs until `stop` and leaves the entry and binary in place when it ends.
+pub fn start(
+    installer: Installer,
+    readiness: Arc<Readiness>,
+    stop: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = io::Result<()>> + Send + 'static {
+    readiness.block(CONFIG_CONDITION, "the CNI installer has not run yet");
+    run(installer, readiness, stop)
+}
+
+async fn run(
     installer: Installer,
     readiness: Arc<Readiness>,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    readiness.block(CONFIG_CONDITION, "the CNI installer has not run yet");
     let mut keeper = Keeper::new(installer, Arc::clone(&readiness));
     let mut dirs: Option<DirWatch> = None;
     loop {
