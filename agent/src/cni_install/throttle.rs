@@ -50,13 +50,18 @@ impl Throttle {
     /// How long to wait before the next restoration; `None`: now.
     pub fn delay(&mut self, now: Instant) -> Option<Duration> {
         self.prune(now);
-        let extra = self.history.len().checked_sub(self.free)?;
-        let gap = self
-            .first
-            .saturating_mul(2u32.saturating_pow(extra.min(16) as u32))
-            .min(self.max);
-        let due = *self.history.back()? + gap;
+        let due = *self.history.back()? + self.gap()?;
         due.checked_duration_since(now).filter(|d| !d.is_zero())
+    }
+
+    /// The spacing the next restoration gets after the last one; `None` while they are free.
+    pub fn gap(&self) -> Option<Duration> {
+        let extra = self.history.len().checked_sub(self.free)?;
+        Some(
+            self.first
+                .saturating_mul(2u32.saturating_pow(extra.min(16) as u32))
+                .min(self.max),
+        )
     }
 
     pub fn record(&mut self, now: Instant) {

@@ -182,9 +182,9 @@ impl Keeper {
                 let restoring = self.chained.is_some();
                 if restoring && let Some(delay) = self.throttle.delay(now) {
                     let msg = format!(
-                        "{} lacks the sluice-cni entry; restoring it in {:.1} s: it was taken away {} times in the last {} s (something keeps rewriting the file, most likely the primary CNI)",
+                        "{} lacks the sluice-cni entry; throttled, restoring it {:.0} s after the last time: it was taken away {} times in the last {} s (something keeps rewriting the file, most likely the primary CNI)",
                         source.display(),
-                        delay.as_secs_f64(),
+                        self.throttle.gap().unwrap_or(delay).as_secs_f64(),
                         self.throttle.recent(),
                         self.throttle.window().as_secs()
                     );
