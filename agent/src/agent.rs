@@ -29,6 +29,7 @@ use crate::{
     metrics::{DataplaneStats, Metrics},
     netns::Netns,
     pod_locks::PodLocks,
+    policy::EnrollPolicy,
     recovery,
     state::{self, Phase, PodRecord, StateError, StateStore},
     zds::{AckResult, AckState, Hub, Workload, proto::WorkloadInfo},
@@ -42,6 +43,8 @@ pub struct AgentSettings {
     pub ipv6: bool,
     /// How long an enroll request waits for ztunnel's ACK by default.
     pub ack_wait: Duration,
+    /// Which pods a CNI ADD enrolls.
+    pub policy: EnrollPolicy,
 }
 
 impl Default for AgentSettings {
@@ -50,6 +53,7 @@ impl Default for AgentSettings {
             dns_capture: true,
             ipv6: true,
             ack_wait: Duration::from_secs(5),
+            policy: EnrollPolicy::standalone([], []),
         }
     }
 }
@@ -189,6 +193,10 @@ impl Agent {
         self.ready.load(Ordering::SeqCst)
     }
 
+    pub fn settings(&self) -> &AgentSettings {
+        &self.settings
+    }
+
     /// Refuses new enrollments from now on, and stops reporting ready (graceful stop).
     pub fn begin_shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -295,6 +303,7 @@ impl Agent {
             bypass_inbound: req.bypass_inbound,
             ipv6: self.settings.ipv6,
             phase: Phase::Enrolling,
+            container_id: req.container_id.clone(),
         };
 
         // Find the pod already enrolled (a retried request), or one to replace.
@@ -302,7 +311,17 @@ impl Agent {
             let table = self.pods.lock();
             match table.get(&req.uid) {
                 Some(p) if p.record.netns_cookie == cookie && p.record.phase == Phase::Enrolled => {
-                    return Ok(Enrolled::Already(p.workload(), cookie));
+                    let (workload, mut have) = (p.workload(), p.record.clone());
+                    drop(table);
+                    if req.container_id.is_some() && have.container_id != req.container_id {
+                        // Enrolled by hand first: from now on the sandbox's DEL lets it go.
+                        have.container_id = req.container_id.clone();
+                        self.store.put(&have)?;
+                        if let Some(p) = self.pods.lock().get_mut(&req.uid) {
+                            p.record.container_id = have.container_id;
+                        }
+                    }
+                    return Ok(Enrolled::Already(workload, cookie));
                 }
                 Some(_) => true,
                 None => false,
@@ -447,6 +466,41 @@ impl Agent {
         }
         info!(uid, "pod unenrolled");
         Ok(())
+    }
+
+    /// Un-enrolls the pod that `container_id`'s CNI ADD enrolled, if any. Checked again under
+    /// the pod's lock, so a newer sandbox of the same pod is never let go by an older one's DEL.
+    pub async fn unenroll_container(
+        self: &Arc<Self>,
+        container_id: String,
+    ) -> Result<Option<String>, AgentError> {
+        let owner = |this: &Self| {
+            this.pods
+                .lock()
+                .values()
+                .find(|p| p.record.container_id.as_deref() == Some(container_id.as_str()))
+                .map(|p| p.record.uid.clone())
+        };
+        let Some(uid) = owner(self) else {
+            return Ok(None);
+        };
+        let _guard = self.locks.lock(&uid).await;
+        if owner(self).as_deref() != Some(uid.as_str()) {
+            return Ok(None);
+        }
+        let this = Arc::clone(self);
+        let id = uid.clone();
+        blocking(move || this.unenroll_step(&id)).await?;
+        Ok(Some(uid))
+    }
+
+    /// (uid, sandbox container id) of every pod a CNI ADD enrolled.
+    pub fn cni_containers(&self) -> Vec<(String, String)> {
+        self.pods
+            .lock()
+            .values()
+            .filter_map(|p| Some((p.record.uid.clone(), p.record.container_id.clone()?)))
+            .collect()
     }
 
     /// Unenrolls pods whose netns path no longer names their namespace: the pod is gone (its

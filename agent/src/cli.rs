@@ -48,9 +48,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove everything the agent put on this node (pins, links, pod rules, sockets, state).
-    /// Stops a running agent first.
+    /// Remove everything the agent put on this node (pins, links, pod rules, sockets, state,
+    /// the sluice-cni entry and binary). Stops a running agent first.
     Uninstall(UninstallArgs),
+    /// Install sluice-cni and chain it into the node's CNI configuration once, then exit
+    /// (`run` does this too, and keeps it installed).
+    InstallCni(InstallCniArgs),
     /// Stream live redirect decisions (redirected, exempt and why, dropped and why) until
     /// interrupted. Costs nothing while nobody traces.
     Trace {
@@ -96,12 +99,58 @@ pub struct NodeArgs {
         default_value = "/var/run/sluice/state"
     )]
     pub state_dir: PathBuf,
+    /// CNI network configuration directory to chain sluice-cni into (the DaemonSet mounts the
+    /// host's /etc/cni/net.d at /host/etc/cni/net.d). Unset: no CNI installer (standalone).
+    #[arg(long, env = "MOUNTED_CNI_NET_DIR")]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// CNI binary directory sluice-cni is installed into.
+    #[arg(long, env = "SLUICE_CNI_BIN_DIR", default_value = "/host/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+}
+
+/// The sluice-cni plugin: what the installer writes into its conflist entry, and which pods a
+/// CNI ADD enrolls.
+#[derive(Debug, Clone, Args)]
+pub struct CniArgs {
+    /// The plugin binary to install (default: `sluice-cni` next to this executable).
+    #[arg(long, env = "SLUICE_CNI_PLUGIN")]
+    pub cni_plugin: Option<PathBuf>,
+    /// The plugin's log level.
+    #[arg(long, env = "SLUICE_CNI_LOG_LEVEL", default_value = "info",
+          value_parser = ["error", "warn", "info", "debug"])]
+    pub cni_log_level: String,
+    /// The plugin's log file on the node (default: stderr, i.e. the runtime's log).
+    #[arg(long, env = "SLUICE_CNI_LOG_FILE")]
+    pub cni_log_file: Option<PathBuf>,
+    /// How long the plugin waits for the agent (enrollment included), in milliseconds.
+    #[arg(long, env = "SLUICE_CNI_TIMEOUT_MS", default_value_t = 15_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub cni_timeout_ms: u64,
+    /// Namespaces whose pods are never enrolled, comma-separated; kube-system never is.
+    #[arg(long, env = "EXCLUDE_NAMESPACES", value_delimiter = ',')]
+    pub exclude_namespaces: Vec<String>,
+    /// Standalone mode: namespaces whose pods a CNI ADD enrolls, comma-separated.
+    #[arg(long, env = "SLUICE_AMBIENT_NAMESPACES", value_delimiter = ',')]
+    pub ambient_namespaces: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InstallCniArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[command(flatten)]
+    pub cni: CniArgs,
+    /// If there is no CNI configuration yet, wait for the primary CNI to write one.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
     pub node: NodeArgs,
+    #[command(flatten)]
+    pub cni: CniArgs,
     /// Health endpoint (`/healthz`, `/readyz`).
     #[arg(long, env = "SLUICE_HEALTH_ADDR", default_value = "0.0.0.0:8000")]
     pub health_addr: SocketAddr,

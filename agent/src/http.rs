@@ -12,34 +12,41 @@ use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, rou
 use tokio::{net::TcpListener, sync::watch};
 use tracing::info;
 
-use crate::metrics::Metrics;
+use crate::{metrics::Metrics, readiness::Readiness};
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
 /// `/healthz`: the process is alive. `/readyz`: dataplane loaded, state restored, sockets
-/// listening, and not stopping.
+/// listening, not stopping, and no unmet `readiness` condition (listed in the body).
 pub async fn serve_health(
     listener: TcpListener,
     ready: Arc<AtomicBool>,
+    readiness: Arc<Readiness>,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(ready);
+        .with_state((ready, readiness));
     info!(addr = %listener.local_addr()?, "health endpoint listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(stopped(shutdown))
         .await
 }
 
-async fn readyz(State(ready): State<Arc<AtomicBool>>) -> impl IntoResponse {
-    if ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n")
+async fn readyz(
+    State((ready, readiness)): State<(Arc<AtomicBool>, Arc<Readiness>)>,
+) -> impl IntoResponse {
+    let blockers = readiness.blockers();
+    if !ready.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string())
+    } else if !blockers.is_empty() {
+        let body = format!("not ready\n{}\n", blockers.join("\n"));
+        (StatusCode::SERVICE_UNAVAILABLE, body)
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        (StatusCode::OK, "ready\n".to_string())
     }
 }
 

@@ -6,9 +6,15 @@
 //! - [`zds`]: the ZDS server ztunnel connects to; [`control`]: the control socket;
 //! - [`k8s`]: Kubernetes watches, enrollment policy, /proc netns scan, annotations, taint;
 //! - [`http`], [`metrics`], [`status`], [`trace`]: health, Prometheus metrics, inspection;
-//! - [`cli`], [`run`], [`uninstall`], [`logging`]: the `sluice-agent` command.
+//! - [`cli`], [`run`], [`uninstall`], [`logging`], [`preflight`]: the `sluice-agent` command;
+//! - [`cni`]: the `sluice-cni` plugin; [`cni_ops`]: the agent's side of its requests;
+//!   [`policy`]: which pods a CNI ADD enrolls; [`cni_install`]: installing the plugin and its
+//!   conflist entry; [`readiness`]: conditions `/readyz` waits for.
 pub mod agent;
 pub mod cli;
+pub mod cni;
+pub mod cni_install;
+pub mod cni_ops;
 pub mod control;
 pub mod dataplane;
 pub mod failpoints;
@@ -18,7 +24,9 @@ pub mod logging;
 pub mod metrics;
 pub mod netns;
 pub mod pod_locks;
+pub mod policy;
 pub mod preflight;
+pub mod readiness;
 pub mod recovery;
 pub mod run;
 pub mod shutdown;

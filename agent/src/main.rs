@@ -3,6 +3,7 @@ use std::{process::ExitCode, time::Duration};
 use clap::Parser as _;
 use sluice_agent::{
     cli::{Cli, Command},
+    cni_install::setup,
     control::{
         api::{EnrollRequest, Request},
         client,
@@ -44,6 +45,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 dns_capture: a.dns_capture,
                 bypass_inbound: a.bypass_inbound,
                 wait_ms: a.wait_ms,
+                container_id: None,
             });
             let result = client::call(
                 &socket,
@@ -79,6 +81,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 };
                 writeln!(out, "{text}").and_then(|()| out.flush()).is_ok()
             })?;
+            Ok(())
+        }
+        Command::InstallCni(a) => {
+            let Some(mut installer) = setup::installer(&a.node, &a.cni, &socket)? else {
+                anyhow::bail!("install-cni needs --cni-conf-dir (or MOUNTED_CNI_NET_DIR)");
+            };
+            let config = setup::install_once(&mut installer, a.wait)?;
+            println!("{}", config.display());
             Ok(())
         }
     }

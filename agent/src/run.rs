@@ -10,11 +10,12 @@ use tracing::{info, warn};
 use crate::{
     agent::{Agent, AgentSettings},
     cli::RunArgs,
-    control, dataplane,
+    cni_install, control, dataplane,
     dataplane::DataplaneConfig,
     http,
     metrics::Metrics,
     preflight,
+    readiness::Readiness,
     state::StateStore,
     zds::{self, ConnConfig, Hub, RetryPolicy},
 };
@@ -30,6 +31,7 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
         max: Duration::from_millis(args.zds_retry_ms.1),
     });
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readiness = Arc::new(Readiness::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -55,6 +57,7 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
     tasks.spawn(http::serve_health(
         health,
         Arc::clone(&ready),
+        Arc::clone(&readiness),
         stop_rx.clone(),
     ));
     let metrics_addr = SocketAddr::new(args.metrics_bind, args.metrics_port);
@@ -77,6 +80,7 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
         dns_capture: args.dns_capture,
         ipv6: args.ipv6,
         ack_wait: Duration::from_millis(args.enroll_wait_ms),
+        policy: cni_install::setup::policy(&args.cni),
     };
     let (h, m, r) = (Arc::clone(&hub), Arc::clone(&metrics), Arc::clone(&ready));
     let agent =
@@ -112,6 +116,15 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
         Duration::from_secs(args.gc_interval.max(1)),
         stop_rx.clone(),
     ));
+    // Chained only once the agent can answer the plugin.
+    if let Some(installer) = cni_install::setup::installer(&args.node, &args.cni, &control_socket)?
+    {
+        tasks.spawn(cni_install::watch::start(
+            installer,
+            Arc::clone(&readiness),
+            stop_rx.clone(),
+        ));
+    }
     agent.set_ready();
     info!(control = %control_socket.display(), zds = %args.node.zds_socket.display(), "agent ready");
 

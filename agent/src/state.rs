@@ -54,6 +54,10 @@ pub struct PodRecord {
     #[serde(default = "yes")]
     pub ipv6: bool,
     pub phase: Phase,
+    /// The sandbox container whose CNI ADD enrolled the pod; its DEL (or a GC that no longer
+    /// lists it) lets the pod go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
 }
 
 fn yes() -> bool {
@@ -327,6 +331,7 @@ mod tests {
             bypass_inbound: false,
             ipv6: true,
             phase: Phase::Enrolled,
+            container_id: None,
         }
     }
 

@@ -25,6 +25,7 @@ pub fn collect(agent: &Agent) -> Status {
             dns_capture: r.dns_capture,
             bypass_inbound: r.bypass_inbound,
             ipv6: r.ipv6,
+            container_id: r.container_id,
         })
         .collect();
     let (object_id, links, maps, counters) = {
@@ -71,6 +72,9 @@ pub struct PodStatus {
     #[serde(default = "yes")]
     pub ipv6: bool,
     pub ztunnel: AckState,
+    /// Set when the pod was enrolled by a CNI ADD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::{
     cli::UninstallArgs,
+    cni_install::Installer,
     control::{api::Request, client},
     dataplane::{self, Dataplane, DataplaneConfig},
     netns::Netns,
@@ -38,6 +39,12 @@ pub fn uninstall(args: &UninstallArgs, control_socket: &Path) -> anyhow::Result<
             ));
         }
     };
+    // The CNI entry next (the records are readable, or --force): from here on new pods
+    // start without asking for an agent.
+    if let Some(conf_dir) = &node.cni_conf_dir {
+        let rewritten = Installer::uninstall(conf_dir, &node.cni_bin_dir)?;
+        info!(configs = ?rewritten, "removed the sluice-cni entry and binary");
+    }
     let cgroup = match &node.cgroup {
         Some(c) => c.clone(),
         None => dataplane::cgroup2_root()?,
@@ -60,7 +67,7 @@ pub fn uninstall(args: &UninstallArgs, control_socket: &Path) -> anyhow::Result<
         }
     }
     store.remove_all()?;
-    info!("uninstalled: no pins, links, pod rules, sockets or state left");
+    info!("uninstalled: no pins, links, pod rules, sockets, state or CNI entry left");
     Ok(())
 }
 

@@ -59,6 +59,28 @@ pub struct AgentPaths {
     pub pin_root: PathBuf,
     pub cgroup: PathBuf,
     pub log: PathBuf,
+    /// CNI config and binary directories, when the agent runs its CNI installer.
+    pub cni: Option<CniDirs>,
+}
+
+/// A CNI configuration directory and binary directory of a test's own.
+#[derive(Debug, Clone)]
+pub struct CniDirs {
+    pub conf_dir: PathBuf,
+    pub bin_dir: PathBuf,
+}
+
+impl CniDirs {
+    /// `net.d` and `bin` under `work`, created.
+    pub fn new(work: &Workdir) -> Result<Self> {
+        let dirs = CniDirs {
+            conf_dir: work.path().join("net.d"),
+            bin_dir: work.path().join("bin"),
+        };
+        std::fs::create_dir_all(&dirs.conf_dir)?;
+        std::fs::create_dir_all(&dirs.bin_dir)?;
+        Ok(dirs)
+    }
 }
 
 impl AgentPaths {
@@ -70,13 +92,14 @@ impl AgentPaths {
             pin_root: bpffs.path().to_path_buf(),
             cgroup: cgroup.path().to_path_buf(),
             log: work.path().join("agent.log"),
+            cni: None,
         }
     }
 
     /// The flags that point an agent command at these paths.
     pub fn node_args(&self) -> Vec<String> {
         let p = |p: &Path| p.display().to_string();
-        vec![
+        let mut args = vec![
             "--pin-root".into(),
             p(&self.pin_root),
             "--cgroup".into(),
@@ -85,7 +108,16 @@ impl AgentPaths {
             p(&self.zds),
             "--state-dir".into(),
             p(&self.state),
-        ]
+        ];
+        if let Some(cni) = &self.cni {
+            args.extend([
+                "--cni-conf-dir".into(),
+                p(&cni.conf_dir),
+                "--cni-bin-dir".into(),
+                p(&cni.bin_dir),
+            ]);
+        }
+        args
     }
 }
 
@@ -395,12 +427,25 @@ impl AgentFixture {
 
     /// Starts an agent without waiting for it.
     pub fn spawn(testkit: &Path, pods: usize, extra: &[&str]) -> Result<Self> {
+        Self::spawn_with(testkit, pods, extra, false)
+    }
+
+    /// An agent that also runs its CNI installer on CNI directories of the fixture's own
+    /// (`agent.paths.cni`); not waited for (readiness waits for a primary CNI config).
+    pub fn spawn_cni(testkit: &Path, pods: usize, extra: &[&str]) -> Result<Self> {
+        Self::spawn_with(testkit, pods, extra, true)
+    }
+
+    fn spawn_with(testkit: &Path, pods: usize, extra: &[&str], cni: bool) -> Result<Self> {
         crate::harness::ensure_bpffs_mounted()?;
         let topo = crate::harness::Topology::new(pods)?;
         let cgroup = Cgroup::new("slagent")?;
         let bpffs = Bpffs::new()?;
         let work = Workdir::new()?;
-        let paths = AgentPaths::new(&work, &bpffs, &cgroup);
+        let mut paths = AgentPaths::new(&work, &bpffs, &cgroup);
+        if cni {
+            paths.cni = Some(CniDirs::new(&work)?);
+        }
         let agent = AgentProc::spawn(topo.node().path(), paths, extra)?;
         Ok(AgentFixture {
             agent,

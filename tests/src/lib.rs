@@ -7,12 +7,17 @@
 //! - [`testkit`]: the rest of the `sluice-testkit` binary (the `app` command server).
 //! - [`kube`]: a real kube-apiserver and etcd on loopback, and helpers for its objects.
 //! - [`sockets`], [`dns`]: small socket and DNS helpers shared by the above.
+//! - [`cni_runtime`]: a runtime's CNI side in miniature, to run plugin chains as libcni does;
+//!   [`containerd`], [`pause_image`]: a real containerd and the sandbox image it runs.
 
 pub mod agent_proc;
+pub mod cni_runtime;
+pub mod containerd;
 pub mod dns;
 pub mod fixture;
 pub mod harness;
 pub mod kube;
+pub mod pause_image;
 pub mod peer;
 pub mod sockets;
 pub mod testkit;

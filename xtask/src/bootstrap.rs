@@ -17,7 +17,20 @@ const LINKER_PACKAGES: &[&str] = &[
 /// Debian packages the integration tests and the bench use. Extend here when they need more
 /// tools. (The bench applies upstream's rules with `iptables-nft-restore` and removes its node
 /// table with `nft`.)
-pub const TEST_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables", "bpftool", "procps"];
+pub const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "nftables",
+    "bpftool",
+    "procps",
+    // The CNI tests: a real runtime (containerd, runc), the reference plugins the plugin is
+    // chained after, busybox for the test's own pause image, protoc for the CRI bindings.
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "busybox-static",
+    "protobuf-compiler",
+];
 
 /// Debian packages the VM suite uses on the host: the emulator, and the tools that unpack
 /// kernels, resolve and decompress modules, and strip test binaries for the initramfs.

@@ -133,6 +133,20 @@ async fn handle(req: Request, agent: &Arc<Agent>, stop: &watch::Sender<bool>) ->
         }
         Request::Ping => Response::ok("pong"),
         Request::Trace { .. } => Response::err("trace streams; it is handled by serve"),
+        Request::CniAdd(r) => result(crate::cni_ops::add(agent, r).await),
+        Request::CniCheck(r) => result(crate::cni_ops::check(agent, &r)),
+        Request::CniDel(r) => result(crate::cni_ops::del(agent, r).await),
+        Request::CniGc {
+            valid_container_ids,
+        } => Response::ok(crate::cni_ops::gc(agent, valid_container_ids).await),
+        Request::CniStatus => Response::ok(crate::cni_ops::status(agent)),
+    }
+}
+
+fn result<T: serde::Serialize>(r: Result<T, crate::agent::AgentError>) -> Response {
+    match r {
+        Ok(v) => Response::ok(v),
+        Err(e) => Response::err(e.to_string()),
     }
 }
 
