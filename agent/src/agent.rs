@@ -170,9 +170,10 @@ impl Agent {
             ready,
             stopping: AtomicBool::new(false),
         });
-        agent
-            .metrics
-            .attach_dataplane(Arc::new(DpStats(Arc::clone(&agent.dp))));
+        agent.metrics.attach_dataplane(Arc::new(DpStats {
+            dp: Arc::clone(&agent.dp),
+            fill: Mutex::new(None),
+        }));
         let mut table = agent.pods.lock();
         for pod in pods {
             // Nothing is connected yet: this only seeds the hub's snapshot.
@@ -554,9 +555,16 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| AgentError::Io(std::io::Error::other(e)))?
 }
 
-/// Scrape-time view of the dataplane for metrics.
+/// Scrape-time view of the dataplane for metrics. Counters are read on every scrape (one
+/// lookup each); map fill levels at most every `FILL_EVERY`, since counting a map that has no
+/// batch lookup (the sockhash) walks its keys.
 #[derive(Debug)]
-struct DpStats(Arc<Dataplane>);
+struct DpStats {
+    dp: Arc<Dataplane>,
+    fill: Mutex<Option<(Instant, Vec<MapFill>)>>,
+}
+
+const FILL_EVERY: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -566,10 +574,18 @@ impl std::fmt::Debug for Agent {
 
 impl DataplaneStats for DpStats {
     fn counters(&self) -> Vec<(BpfCounter, u64)> {
-        self.0.counters()
+        self.dp.counters()
     }
     fn map_fill(&self) -> Vec<MapFill> {
-        self.0.map_fill()
+        let mut cached = self.fill.lock().unwrap_or_else(|p| p.into_inner());
+        match &*cached {
+            Some((at, fill)) if at.elapsed() < FILL_EVERY => fill.clone(),
+            _ => {
+                let fill = self.dp.map_fill();
+                *cached = Some((Instant::now(), fill.clone()));
+                fill
+            }
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! One test per row of DESIGN.md's traffic table, on the running kernel's eBPF, with real
+//! One test per row of the traffic table in docs/traffic-rules.md, on the running kernel's eBPF, with real
 //! namespaces and veths. Pods are network namespaces; "ztunnel" is the testkit peer, which
 //! behaves like ztunnel inside a pod (marks, IP_TRANSPARENT, SO_ORIGINAL_DST, spoofed source).
 //! Assertions are on what the app, the peer and the other side observed.

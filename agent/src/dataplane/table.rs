@@ -75,9 +75,14 @@ impl<K: aya::Pod, V: aya::Pod> Table<K, V> {
         bpf_sys::map_keys(self.fd.as_fd()).map_err(|e| self.err(e))
     }
 
-    /// Entries in use (0 if the map cannot be read).
+    /// Entries in use (0 if the map cannot be read): a few batched reads for hash maps; a walk
+    /// key by key only for map types without batch lookups (the sockhash).
     pub fn count(&self) -> usize {
-        self.keys().map(|k| k.len()).unwrap_or(0)
+        match bpf_sys::map_count_batched::<K, V>(self.fd.as_fd()) {
+            Ok(Some(n)) => n,
+            Ok(None) => self.keys().map(|k| k.len()).unwrap_or(0),
+            Err(_) => 0,
+        }
     }
 
     /// Key and value of every entry (entries removed meanwhile are skipped).

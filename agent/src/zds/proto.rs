@@ -1,6 +1,6 @@
 //! ztunnel's ZDS messages (package `istio.workload.zds`), declared with prost's derive macros:
 //! the schema is small and fixed, and this avoids a protoc build step. Field numbers are the
-//! wire contract (DESIGN.md, "ZDS").
+//! wire contract (docs/zds.md).
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]

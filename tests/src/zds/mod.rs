@@ -1,5 +1,5 @@
 //! A ZDS client: what ztunnel is from the agent's point of view, written from the wire
-//! facts in DESIGN.md and sharing nothing with the agent, so it catches the agent's
+//! facts in docs/zds.md and sharing nothing with the agent, so it catches the agent's
 //! mistakes instead of repeating them.
 //!
 //! - [`proto`]: the `istio.workload.zds` messages (prost derives, no build script).

@@ -1,4 +1,4 @@
-//! Package `istio.workload.zds`, written by hand from the wire facts in DESIGN.md (no
+//! Package `istio.workload.zds`, written by hand from the wire facts in docs/zds.md (no
 //! protoc, no build script) so that a field-number mistake in the agent shows up here as
 //! a mismatch instead of being shared.
 

@@ -1,5 +1,5 @@
 //! The record of one ZDS connection and the checker for the protocol rules the agent
-//! must keep (DESIGN.md, "ZDS: the agent ↔ ztunnel protocol"). Rules are checked as
+//! must keep (docs/zds.md, "Rules"). Rules are checked as
 //! each request arrives, so a long-running client can report a violation at once.
 
 use std::collections::BTreeSet;

@@ -51,6 +51,11 @@ struct Target {
     kind: Vec<String>,
 }
 
+/// Test executables that exercise user-space services rather than the kernel (a real
+/// containerd, a real kube-apiserver with etcd): they run on the host only, which keeps their
+/// binaries (hundreds of MiB) out of the initramfs.
+const HOST_ONLY: &[&str] = &["cni_containerd", "kube_api", "kube_outage"];
+
 /// Builds the binaries and test executables (the same ones `cargo xtask test` runs on the
 /// host, so nothing is rebuilt) and lists each executable's tests, as `test_args` (a
 /// libtest filter, if any) select them in the guest.
@@ -71,7 +76,10 @@ pub fn build(test_args: &[String]) -> Result<Artifacts> {
             .args(["test", "--no-run"])
             .args(crate::test::TEST_FEATURES),
     )? {
-        if !m.profile.test || m.manifest_path == xtask_manifest {
+        if !m.profile.test
+            || m.manifest_path == xtask_manifest
+            || HOST_ONLY.contains(&m.target.name.as_str())
+        {
             continue;
         }
         let Some(path) = m.executable else { continue };

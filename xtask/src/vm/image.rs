@@ -15,7 +15,8 @@ use super::{artifacts::Artifacts, kernels::ModuleSet, rootfs::Rootfs};
 use crate::cmd;
 
 /// Programs the tests (and people debugging a guest) exec, taken from the host with their
-/// libraries. Debian packages: iproute2, iptables, bpftool, procps (see bootstrap.rs).
+/// libraries. Debian packages: iproute2, iptables, bpftool, procps, util-linux (see
+/// bootstrap.rs).
 pub const TOOLS: &[&str] = &[
     "ip",
     "iptables",
@@ -26,6 +27,8 @@ pub const TOOLS: &[&str] = &[
     "ip6tables-restore",
     "bpftool",
     "sysctl",
+    // The capability test runs the agent with a reduced bounding set.
+    "setpriv",
 ];
 
 const INIT: &str = include_str!("init.sh");

@@ -46,9 +46,10 @@ impl Series {
 pub const MODULES: &[&str] = &[
     // Test topologies: veth pairs between network namespaces.
     "veth",
-    // The TC hook for kernels without TCX: a clsact qdisc with cls_bpf filters.
-    "sch_ingress",
-    "cls_bpf",
+    // sock_diag, with which enrollment finds ztunnel listeners that predate it (a real node
+    // autoloads these; the guest has no modprobe helper).
+    "inet_diag",
+    "tcp_diag",
     // iptables (nft backend) in test namespaces: kube-proxy's MASQUERADE stand-in, and the
     // upstream rule set (TPROXY, CONNMARK, owner, REDIRECT) the benchmarks compare against.
     "nf_tables",
