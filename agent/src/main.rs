@@ -29,10 +29,16 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let socket = cli.control_socket;
     match cli.command {
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(run::run(args, socket)),
+        Command::Run(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let result = runtime.block_on(run::run(args, socket));
+            // A blocking call still in flight (a netns step, a scrape) must not keep a
+            // stopping agent alive: everything it owns is pinned or on disk already.
+            runtime.shutdown_timeout(Duration::from_secs(5));
+            result
+        }
         Command::Enroll(a) => {
             let wait = a.wait_ms.unwrap_or(5000);
             let req = Request::Enroll(EnrollRequest {

@@ -19,6 +19,9 @@ use serde_json::Value;
 use crate::harness::{Bpffs, Cgroup, run_in_netns, unique};
 
 pub const HEALTH_PORT: u16 = 8000;
+/// How long an agent may take to become ready: a few seconds on the host, more under software
+/// emulation (the VM suite), where loading the eBPF object and BTF is slow.
+pub const AGENT_START: Duration = Duration::from_secs(30);
 pub const METRICS_PORT: u16 = 15014;
 /// How long a running agent may take to stop once `uninstall` asked it to.
 const UNINSTALL_STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -341,7 +344,22 @@ impl AgentProc {
         let mut child = self.child.take().context("the agent is not running")?;
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        Ok(child.wait()?)
+        // The agent's own grace period is its ZDS ACK timeout (10 s) plus 5 s.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the agent did not exit within 60 s of SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts the agent again with the same paths and flags.
@@ -413,7 +431,7 @@ impl AgentFixture {
     /// Starts an agent (with `extra` flags) and waits until it is ready.
     pub fn start(testkit: &Path, pods: usize, extra: &[&str]) -> Result<Self> {
         let mut fx = Self::spawn(testkit, pods, extra)?;
-        fx.agent.wait_ready(Duration::from_secs(30))?;
+        fx.agent.wait_ready(AGENT_START)?;
         Ok(fx)
     }
 

@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, net::SocketAddr, path::Path, time::Duration};
 
 use serde_json::Value;
 use sluice_tests::{
-    agent_proc::{AgentFixture, HEALTH_PORT, METRICS_PORT, agent_bin},
+    agent_proc::{AGENT_START, AgentFixture, HEALTH_PORT, METRICS_PORT, agent_bin},
     harness::{
         BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, cgroup_attached_prog_ids,
         sk_lookup_prog_names,
@@ -158,7 +158,7 @@ fn sigkill_during_enrollments_loses_and_duplicates_nothing() {
             .unwrap();
     }
     fx.agent.restart().unwrap();
-    fx.agent.wait_ready(WAIT).unwrap();
+    fx.agent.wait_ready(AGENT_START).unwrap();
     let retries = enroller.join().unwrap();
     for _ in 0..20 {
         server
@@ -249,7 +249,7 @@ fn sigterm_stops_cleanly_and_redirection_stays() {
     peer.wait_event(event_is("outbound", &uid(0), dst), WAIT)
         .unwrap();
     fx.agent.restart().unwrap();
-    fx.agent.wait_ready(WAIT).unwrap();
+    fx.agent.wait_ready(AGENT_START).unwrap();
     assert_eq!(enrolled_uids(&fx), [uid(0)]);
     let links = fx.agent.status().unwrap()["links"]
         .as_array()
@@ -396,7 +396,7 @@ fn restart_finishes_interrupted_operations() {
     write(3, &ghost);
 
     fx.agent.restart().unwrap();
-    fx.agent.wait_ready(WAIT).unwrap();
+    fx.agent.wait_ready(AGENT_START).unwrap();
     assert_eq!(enrolled_uids(&fx), [uid(0)]);
     let pod1 = fx.topo.pod(1);
     assert!(
@@ -461,7 +461,7 @@ fn a_pod_whose_netns_cannot_be_opened_is_kept_through_a_restart() {
     fx.agent.kill();
     sluice_tests::harness::ip(&["netns", "del", fx.topo.pod(0).netns.name()]).unwrap();
     fx.agent.restart().unwrap();
-    fx.agent.wait_ready(WAIT).unwrap();
+    fx.agent.wait_ready(AGENT_START).unwrap();
     assert_eq!(enrolled_uids(&fx), [uid(0)]);
     let client = sluice_tests::zds::ZdsClient::spawn(
         fx.zds_conn().unwrap(),

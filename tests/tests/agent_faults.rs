@@ -5,7 +5,7 @@ use std::{path::Path, time::Duration};
 
 use serde_json::Value;
 use sluice_tests::{
-    agent_proc::{AgentFixture, HEALTH_PORT, METRICS_PORT},
+    agent_proc::{AGENT_START, AgentFixture, HEALTH_PORT, METRICS_PORT},
     harness::{Bpffs, unique},
     zds::ZdsPeerOptions,
 };
@@ -44,7 +44,7 @@ fn pods_in_dataplane(fx: &AgentFixture) -> u64 {
 fn restart_with_failpoints(fx: &mut AgentFixture, failpoints: &str) {
     fx.agent.set_env("FAILPOINTS", failpoints);
     fx.agent.restart().unwrap();
-    fx.agent.wait_ready(WAIT).unwrap();
+    fx.agent.wait_ready(AGENT_START).unwrap();
 }
 
 /// Waits until the agent's log has a line containing `needle`.
@@ -195,14 +195,14 @@ fn a_second_agent_waits_for_the_first_before_binding_its_ports() {
 
     let exit = fx.agent.terminate().unwrap();
     assert!(exit.success(), "{exit}");
-    twin.wait_ready(WAIT).unwrap();
+    twin.wait_ready(AGENT_START).unwrap();
     let status = twin.status().unwrap();
     assert_eq!(status["pods"][0]["uid"], uid(0), "{status}");
     // Hand the node back to the fixture's agent (its drop uninstalls).
     let exit = twin.terminate().unwrap();
     assert!(exit.success(), "{exit}");
     fx.agent.restart().unwrap();
-    fx.agent.wait_ready(WAIT).unwrap();
+    fx.agent.wait_ready(AGENT_START).unwrap();
 }
 
 /// Issue 6.6: a truncated pod record stops the agent at start with one line naming the file
@@ -245,7 +245,7 @@ fn a_corrupt_state_file_stops_the_agent_and_names_the_way_out() {
         assert!(!rules.contains("0x111"), "pod {i} still has {rules}");
     }
     fx.agent.restart().unwrap();
-    fx.agent.wait_ready(WAIT).unwrap();
+    fx.agent.wait_ready(AGENT_START).unwrap();
     assert!(enrolled_uids(&fx).is_empty());
 }
 

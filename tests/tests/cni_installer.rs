@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
 use sluice_tests::{
-    agent_proc::{AgentFixture, HEALTH_PORT, Workdir, agent_bin},
+    agent_proc::{AGENT_START, AgentFixture, HEALTH_PORT, Workdir, agent_bin},
     cni_runtime::cni_bin,
     harness::require_root,
 };
@@ -176,7 +176,7 @@ fn stop_leaves_the_entry_and_uninstall_removes_it() {
     let cni = fx.agent.paths.cni.clone().unwrap();
     let conflist = cni.conf_dir.join("10-bridge.conflist");
     write_as_primary(&conflist, &primary("k8s"), 0o644);
-    fx.agent.wait_ready(WAIT).unwrap();
+    fx.agent.wait_ready(AGENT_START).unwrap();
     assert_eq!(types(&conflist), ["bridge", "portmap", "sluice-cni"]);
     // No ambient namespaces set: the list is written, empty (the plugin passes other pods
     // while the agent is down).
@@ -191,7 +191,7 @@ fn stop_leaves_the_entry_and_uninstall_removes_it() {
     assert!(cni.bin_dir.join("sluice-cni").exists());
 
     fx.agent.restart().unwrap();
-    fx.agent.wait_ready(WAIT).unwrap();
+    fx.agent.wait_ready(AGENT_START).unwrap();
     fx.agent.uninstall().unwrap();
     assert_eq!(read(&conflist).unwrap(), primary("k8s"));
     assert!(!cni.bin_dir.join("sluice-cni").exists());

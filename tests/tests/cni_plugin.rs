@@ -7,7 +7,7 @@ use std::{net::IpAddr, path::Path, time::Duration};
 
 use serde_json::{Value, json};
 use sluice_tests::{
-    agent_proc::AgentFixture,
+    agent_proc::{AGENT_START, AgentFixture},
     cni_runtime::{PluginOutput, cni_bin, exec_plugin},
     zds::ZdsPeerOptions,
 };
@@ -478,7 +478,7 @@ fn agent_down_then_back() {
             .success()
     );
     fx.agent.restart().unwrap();
-    fx.agent.wait_ready(WAIT).unwrap();
+    fx.agent.wait_ready(AGENT_START).unwrap();
     run(&add, &stdin).ok().unwrap();
     assert_eq!(fx.agent.status().unwrap()["pods"][0]["uid"], "u-0");
 }

@@ -181,17 +181,27 @@ mod tests {
         })
     }
 
-    fn golden(case: &str, kind: Kind) {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cni_install/testdata");
-        let input = std::fs::read(dir.join(format!("{case}.in"))).unwrap();
-        let got = chain(kind, &input, &entry())
+    /// The golden files are compiled in, so the test binary runs anywhere (the VM suite too).
+    macro_rules! golden {
+        ($case:literal, $kind:expr) => {
+            golden(
+                $case,
+                $kind,
+                include_bytes!(concat!("testdata/", $case, ".in")),
+                include_str!(concat!("testdata/", $case, ".out")),
+            )
+        };
+    }
+
+    fn golden(case: &str, kind: Kind, input: &[u8], want: &str) {
+        let got = chain(kind, input, &entry())
             .unwrap_or_else(|e| panic!("{case}: {e}"))
             .unwrap_or_else(|| panic!("{case}: unchanged"));
-        let out = dir.join(format!("{case}.out"));
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
-            std::fs::write(&out, &got).unwrap();
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cni_install/testdata");
+            std::fs::write(dir.join(format!("{case}.out")), &got).unwrap();
+            return;
         }
-        let want = std::fs::read_to_string(&out).unwrap();
         assert_eq!(String::from_utf8(got.clone()).unwrap(), want, "{case}");
         // Chaining the result again changes nothing; unchaining gives the foreign plugins back.
         assert_eq!(chain(Kind::ConfList, &got, &entry()), Ok(None), "{case}");
@@ -203,22 +213,22 @@ mod tests {
 
     #[test]
     fn a_conf_becomes_a_conflist_around_it() {
-        golden("bridge-conf", Kind::Conf);
+        golden!("bridge-conf", Kind::Conf);
     }
 
     #[test]
     fn appended_last_to_a_conflist_with_foreign_plugins_untouched() {
-        golden("calico-conflist", Kind::ConfList);
+        golden!("calico-conflist", Kind::ConfList);
     }
 
     #[test]
     fn an_old_entry_is_replaced_and_ours_goes_last() {
-        golden("stale-entry-conflist", Kind::ConfList);
+        golden!("stale-entry-conflist", Kind::ConfList);
     }
 
     #[test]
     fn a_0_3_1_flannel_conflist_is_chained() {
-        golden("flannel-conflist", Kind::ConfList);
+        golden!("flannel-conflist", Kind::ConfList);
     }
 
     #[test]

@@ -20,6 +20,11 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# Cgroup v1 hierarchies too, as on the hybrid nodes kubelets still run on (cgroupfs and systemd
+# drivers): the /proc scan must find pods in either.
+mkdir -p /run/cgroup-v1/pids /run/cgroup-v1/systemd
+mount -t cgroup -o pids cgroup /run/cgroup-v1/pids
+mount -t cgroup -o none,name=systemd cgroup /run/cgroup-v1/systemd
 mount -t bpf -o mode=0700 bpf /sys/fs/bpf
 
 stty -F /dev/ttyS1 raw -echo
