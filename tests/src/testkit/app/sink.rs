@@ -1,7 +1,8 @@
 //! `sink_start`/`sink_stop`: the least a ztunnel outbound listener does per connection (accept,
-//! read the original destination as ztunnel does, close), on one thread, for churn tests.
+//! read the original destination as ztunnel does, wait for the client to close, close), on one
+//! thread, for churn tests where the client closes first.
 
-use std::io;
+use std::io::{self, Read as _};
 use std::net::{Ipv6Addr, SocketAddr, TcpListener};
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -76,6 +77,10 @@ fn serve(listener: &TcpListener, stop: &AtomicBool) -> Counts {
             continue;
         };
         c.accepted += 1;
+        // Closing before the client would race its connect() (a reset turns into EPIPE there);
+        // the churn's clients close right after connecting.
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
+        let mut conn = conn;
         let local = conn.local_addr().map(canonical);
         if let Ok((orig, from)) = original_dst(conn.as_fd()) {
             if from != OrigDstFrom::Local {
@@ -85,5 +90,6 @@ fn serve(listener: &TcpListener, stop: &AtomicBool) -> Counts {
                 c.wrong += 1;
             }
         }
+        let _ = conn.read(&mut [0u8; 64]);
     }
 }
