@@ -55,10 +55,7 @@ pub fn uninstall(args: &UninstallArgs, control_socket: &Path) -> anyhow::Result<
         accelerate: false,
         ebpf_debug_log: false,
     })?;
-    let finder = match records {
-        Some(records) => Finder::Records(records),
-        None => Finder::Scan(scan_namespaces()),
-    };
+    let finder = Finder::new(records);
     dp.uninstall(|cookie| finder.find(cookie))?;
     for socket in [&node.zds_socket, &control_socket.to_path_buf()] {
         match std::fs::remove_file(socket) {
@@ -71,24 +68,36 @@ pub fn uninstall(args: &UninstallArgs, control_socket: &Path) -> anyhow::Result<
     Ok(())
 }
 
-/// How to open the namespace of an enrolled netns cookie.
-enum Finder {
-    Records(Vec<PodRecord>),
-    /// Every network namespace on the node, by cookie.
-    Scan(BTreeMap<u64, PathBuf>),
+/// How to open the namespace of an enrolled netns cookie: from its record, else (no records,
+/// or a record whose path no longer opens) by scanning the node's namespaces, so that no
+/// enrolled namespace that still exists is left with its rules and sysctls.
+struct Finder {
+    records: Vec<PodRecord>,
+    scanned: std::cell::OnceCell<BTreeMap<u64, PathBuf>>,
 }
 
 impl Finder {
+    fn new(records: Option<Vec<PodRecord>>) -> Self {
+        Finder {
+            records: records.unwrap_or_default(),
+            scanned: std::cell::OnceCell::new(),
+        }
+    }
+
     fn find(&self, cookie: u64) -> Option<Netns> {
-        match self {
-            Finder::Records(records) => {
-                let r = records.iter().find(|r| r.netns_cookie == cookie)?;
+        let recorded = self
+            .records
+            .iter()
+            .find(|r| r.netns_cookie == cookie)
+            .and_then(|r| {
                 Netns::open(&r.netns)
                     .ok()
                     .filter(|ns| ns.inode() == r.netns_inode)
-            }
-            Finder::Scan(found) => Netns::open(found.get(&cookie)?).ok(),
-        }
+            });
+        recorded.or_else(|| {
+            let path = self.scanned.get_or_init(scan_namespaces).get(&cookie)?;
+            Netns::open(path).ok()
+        })
     }
 }
 

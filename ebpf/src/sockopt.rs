@@ -121,8 +121,18 @@ fn answer_original_dst(ctx: &SockoptContext, want_v6: bool) {
     if local.is_unspecified() || pod.is_local(&local) {
         return;
     }
-    // SAFETY: src_port is host order.
-    let port = unsafe { read_volatile(addr_of!((*sk).src_port)) } as u16;
+    // SAFETY: src_port is host order; dst_port network order (only its zero-ness matters).
+    let (port, peer_port) = unsafe {
+        (
+            read_volatile(addr_of!((*sk).src_port)) as u16,
+            read_volatile(addr_of!((*sk).dst_port)),
+        )
+    };
+    // A connection already reset or closed has given its port back: no answer (the kernel's
+    // error stands), rather than a destination with port 0.
+    if port == 0 || peer_port == 0 {
+        return;
+    }
     // SAFETY: optval..optval_end is the kernel's copy of the caller's buffer.
     unsafe {
         let start = (*so).__bindgen_anon_2.optval as *mut u8;

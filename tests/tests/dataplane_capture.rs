@@ -186,7 +186,14 @@ fn original_destinations_survive_another_pods_churn() {
         (churn_count - failed..=churn_count).contains(&accepted),
         "{sink} {churn}"
     );
-    assert_eq!(sink["answered"], accepted, "{sink}");
+    // A connection reset before ztunnel read its destination (its client's kernel may drop
+    // orphaned closed sockets under this load) has none to read; every other one answered.
+    let gone = sink["gone"].as_u64().unwrap();
+    assert_eq!(
+        sink["answered"].as_u64().unwrap() + gone,
+        accepted,
+        "{sink}"
+    );
     assert_eq!(sink["wrong"], 0, "{sink}");
     // B's own connections may lose a SYN to the churn's load (see above); what this test is
     // about is that every connection ztunnel got had its true original destination.

@@ -22,6 +22,10 @@ struct Counts {
     answered: u64,
     /// Answers that were not the connection's own destination.
     wrong: u64,
+    /// The first few of those: local address, answer, where it came from, peer.
+    wrong_samples: Vec<String>,
+    /// Connections reset before their destination was read (no longer connected after).
+    gone: u64,
 }
 
 pub struct Sink {
@@ -61,6 +65,8 @@ impl Sink {
         f.insert("accepted".into(), c.accepted.into());
         f.insert("answered".into(), c.answered.into());
         f.insert("wrong".into(), c.wrong.into());
+        f.insert("wrong_samples".into(), c.wrong_samples.into());
+        f.insert("gone".into(), c.gone.into());
         Ok(f)
     }
 }
@@ -82,12 +88,25 @@ fn serve(listener: &TcpListener, stop: &AtomicBool) -> Counts {
         let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
         let mut conn = conn;
         let local = conn.local_addr().map(canonical);
-        if let Ok((orig, from)) = original_dst(conn.as_fd()) {
+        let answer = original_dst(conn.as_fd());
+        // Asked after the answer: a connection reset by then (its client's kernel dropped it,
+        // e.g. past tcp_max_orphans) has no destination left to report.
+        let Ok(peer) = conn.peer_addr().map(canonical) else {
+            c.gone += 1;
+            continue;
+        };
+        if let Ok((orig, from)) = answer {
             if from != OrigDstFrom::Local {
                 c.answered += 1;
             }
-            if local.is_ok_and(|l| l != orig) {
+            if let Ok(l) = local
+                && l != orig
+            {
                 c.wrong += 1;
+                if c.wrong_samples.len() < 5 {
+                    c.wrong_samples
+                        .push(format!("local {l} answer {orig} ({from:?}) peer {peer}"));
+                }
             }
         }
         let _ = conn.read(&mut [0u8; 64]);
