@@ -51,6 +51,11 @@ struct Target {
     kind: Vec<String>,
 }
 
+/// Test executables about what the node runs rather than the kernel: they need the host's
+/// containerd, the Helm library, the kube-apiserver or the release image, none of which the
+/// guest has.
+const HOST_ONLY: &[&str] = &["deploy_chart", "deploy_image", "deploy_upgrade"];
+
 /// Builds the binaries and test executables (the same ones `cargo xtask test` runs on the
 /// host, so nothing is rebuilt) and lists each executable's tests, as `test_args` (a
 /// libtest filter, if any) select them in the guest.
@@ -72,6 +77,9 @@ pub fn build(test_args: &[String]) -> Result<Artifacts> {
             .args(crate::test::TEST_FEATURES),
     )? {
         if !m.profile.test || m.manifest_path == xtask_manifest {
+            continue;
+        }
+        if HOST_ONLY.contains(&m.target.name.as_str()) {
             continue;
         }
         let Some(path) = m.executable else { continue };
