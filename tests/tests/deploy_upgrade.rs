@@ -54,6 +54,15 @@ fn another_object_build(bin: &Path, out: &Path) -> PathBuf {
     out.to_path_buf()
 }
 
+/// Waits until `server` accepted `n` more connections.
+fn wait_accepts(server: &sluice_tests::harness::App, n: usize) {
+    for _ in 0..n {
+        server
+            .wait_event(|e| e["event"] == "accepted", WAIT)
+            .unwrap();
+    }
+}
+
 fn pod_uids(status: &Value) -> Vec<String> {
     let mut uids: Vec<String> = status["pods"]
         .as_array()
@@ -93,6 +102,8 @@ fn a_rolling_update_to_another_build_keeps_every_pod_redirected() {
         client.ping("long", "before").unwrap().echo.as_deref(),
         Some("before")
     );
+    // From here on, every outbound report of pod0 is one of the loop's connections.
+    let mut reports = peer.events();
     client
         .loop_start("l", dst, Duration::from_millis(5))
         .unwrap();
@@ -103,8 +114,11 @@ fn a_rolling_update_to_another_build_keeps_every_pod_redirected() {
     let old_progs = cgroup_attached_prog_ids(&fx.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap();
 
     // The update: the old pod stops, the new one starts on the same node paths.
+    wait_accepts(&server, 5);
     let exit = fx.agent.terminate().unwrap();
     assert!(exit.success(), "{exit}");
+    // Between the two, no agent runs at all: connections still go through ztunnel.
+    wait_accepts(&server, 5);
     let mut new = fx
         .agent
         .spawn_twin_with(&fx.work.path().join("new-agent.log"), Some(&new_bin))
@@ -129,32 +143,32 @@ fn a_rolling_update_to_another_build_keeps_every_pod_redirected() {
     );
 
     // Connections made during and after the update went through ztunnel; none failed.
-    let seen_before = peer
-        .events()
-        .iter()
-        .filter(|e| e["event"] == "outbound" && e["uid"] == AgentFixture::uid(0))
-        .count();
+    // (`events` hands over, and forgets, what the peer reported so far.)
+    let outbound = |e: &Value| e["event"] == "outbound" && e["uid"] == AgentFixture::uid(0);
+    let mut through_ztunnel = 0;
+    let mut count = |drained: Vec<Value>| {
+        through_ztunnel += drained.iter().filter(|e| outbound(e)).count() as u64;
+        reports.extend(drained);
+    };
+    count(peer.events());
     server
         .wait_event(|e| e["event"] == "accepted", WAIT)
         .unwrap();
-    peer.wait_event(
-        |e| e["event"] == "outbound" && e["uid"] == AgentFixture::uid(0),
-        WAIT,
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    peer.wait_event(outbound, WAIT)
+        .expect("a connection made after the update reaches ztunnel");
+    wait_accepts(&server, 20);
     let stats = client.loop_stop("l").unwrap();
     assert!(!stats.hit_limit, "{stats:?}");
     assert_eq!(stats.failures, 0, "{stats:?}");
-    let seen_after = peer
-        .events()
-        .iter()
-        .filter(|e| e["event"] == "outbound" && e["uid"] == AgentFixture::uid(0))
-        .count();
-    assert!(
-        seen_after > seen_before,
-        "new connections after the update reach ztunnel ({seen_before} → {seen_after})"
-    );
+    count(peer.events());
+    // One was taken above; the peer's last reports may still be on their way.
+    through_ztunnel += 1;
+    while through_ztunnel < stats.attempts {
+        peer.wait_event(outbound, WAIT).unwrap_or_else(|e| {
+            panic!("{through_ztunnel} of {stats:?} went through ztunnel: {e:#}")
+        });
+        through_ztunnel += 1;
+    }
     assert_eq!(
         client.ping("long", "after").unwrap().echo.as_deref(),
         Some("after"),
@@ -175,5 +189,10 @@ fn a_rolling_update_to_another_build_keeps_every_pod_redirected() {
         )
         .unwrap();
     assert_eq!(reply["ztunnel"]["state"], "acked", "{reply}");
-    assert!(peer.violations().is_empty(), "{:?}", peer.violations());
+    reports.extend(peer.events());
+    let violations: Vec<&Value> = reports
+        .iter()
+        .filter(|e| e["event"] == "zds_violation")
+        .collect();
+    assert!(violations.is_empty(), "{violations:?}");
 }
