@@ -126,6 +126,8 @@ impl AgentPaths {
 
 pub struct AgentProc {
     child: Option<Child>,
+    /// Another `sluice-agent` build than [`agent_bin`] (an upgrade's new version).
+    bin: Option<PathBuf>,
     pub paths: AgentPaths,
     netns: PathBuf,
     extra: Vec<String>,
@@ -138,6 +140,7 @@ impl AgentProc {
     pub fn spawn(netns: &Path, paths: AgentPaths, extra: &[&str]) -> Result<Self> {
         let mut agent = AgentProc {
             child: None,
+            bin: None,
             paths,
             netns: netns.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -158,7 +161,7 @@ impl AgentProc {
             .stderr(log);
         let child = cmd
             .spawn()
-            .with_context(|| format!("starting {}", agent_bin().display()))?;
+            .with_context(|| format!("starting {}", self.bin().display()))?;
         self.child = Some(child);
         Ok(())
     }
@@ -170,10 +173,10 @@ impl AgentProc {
         let mut cmd = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(agent_bin());
+                c.args(args).arg(self.bin());
                 c
             }
-            None => Command::new(agent_bin()),
+            None => Command::new(self.bin()),
         };
         cmd.arg("--control-socket")
             .arg(&self.paths.control)
@@ -204,6 +207,11 @@ impl AgentProc {
         Ok(cmd)
     }
 
+    /// The `sluice-agent` binary this process runs.
+    pub fn bin(&self) -> PathBuf {
+        self.bin.clone().unwrap_or_else(agent_bin)
+    }
+
     /// Sets an environment variable for the agent's next (re)start.
     pub fn set_env(&mut self, key: &str, value: &str) {
         self.env.retain(|(k, _)| k != key);
@@ -223,6 +231,7 @@ impl AgentProc {
     pub fn sibling(&self, paths: AgentPaths) -> AgentProc {
         AgentProc {
             child: None,
+            bin: self.bin.clone(),
             paths,
             netns: self.netns.clone(),
             extra: self.extra.clone(),
@@ -233,10 +242,16 @@ impl AgentProc {
     /// A second agent process on the same node with the same paths (a rolling update's new
     /// pod), logging to `log`. Not waited for.
     pub fn spawn_twin(&self, log: &Path) -> Result<AgentProc> {
+        self.spawn_twin_with(log, None)
+    }
+
+    /// [`AgentProc::spawn_twin`] running binary `bin` (another build) if given.
+    pub fn spawn_twin_with(&self, log: &Path, bin: Option<&Path>) -> Result<AgentProc> {
         let mut paths = self.paths.clone();
         paths.log = log.to_path_buf();
         let mut twin = AgentProc {
             child: None,
+            bin: bin.map(Path::to_path_buf).or_else(|| self.bin.clone()),
             paths,
             netns: self.netns.clone(),
             extra: self.extra.clone(),
@@ -455,6 +470,27 @@ impl AgentFixture {
     }
 
     fn spawn_with(testkit: &Path, pods: usize, extra: &[&str], cni: bool) -> Result<Self> {
+        Self::spawn_adjusted(testkit, pods, extra, cni, |_| {})
+    }
+
+    /// An agent with CNI directories (as [`AgentFixture::spawn_cni`]) whose paths `adjust`
+    /// changes before it starts (e.g. to lay them out as on a node); not waited for.
+    pub fn spawn_cni_with(
+        testkit: &Path,
+        pods: usize,
+        extra: &[&str],
+        adjust: impl FnOnce(&mut AgentPaths),
+    ) -> Result<Self> {
+        Self::spawn_adjusted(testkit, pods, extra, true, adjust)
+    }
+
+    fn spawn_adjusted(
+        testkit: &Path,
+        pods: usize,
+        extra: &[&str],
+        cni: bool,
+        adjust: impl FnOnce(&mut AgentPaths),
+    ) -> Result<Self> {
         crate::harness::ensure_bpffs_mounted()?;
         let topo = crate::harness::Topology::new(pods)?;
         let cgroup = Cgroup::new("slagent")?;
@@ -464,6 +500,7 @@ impl AgentFixture {
         if cni {
             paths.cni = Some(CniDirs::new(&work)?);
         }
+        adjust(&mut paths);
         let agent = AgentProc::spawn(topo.node().path(), paths, extra)?;
         Ok(AgentFixture {
             agent,

@@ -178,11 +178,15 @@ impl Containerd {
     fn import_pause_image(&self) -> Result<()> {
         let archive = self.dir.join("pause.tar");
         fs::write(&archive, docker_archive(Path::new(BUSYBOX))?)?;
-        let out = Command::new("ctr")
-            .arg("--address")
-            .arg(&self.socket)
-            .args(["--namespace", "k8s.io", "images", "import"])
-            .arg(&archive)
+        self.import_image(&archive)
+    }
+
+    /// `ctr images import` into the CRI's namespace (a docker or OCI archive).
+    pub fn import_image(&self, archive: &Path) -> Result<()> {
+        let out = self
+            .ctr()
+            .args(["images", "import"])
+            .arg(archive)
             .output()
             .context("running ctr")?;
         if !out.status.success() {
@@ -193,6 +197,71 @@ impl Containerd {
             );
         }
         Ok(())
+    }
+
+    /// `ctr` talking to this containerd, in the CRI's namespace.
+    fn ctr(&self) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "k8s.io"]);
+        cmd
+    }
+
+    /// Runs one container of an imported image to completion with `ctr run` (as a kubelet
+    /// runs a Job's container, without the CRI's pod around it): its exit status and its
+    /// output (stdout and stderr, through a log file: its stdin is empty, as in a pod). Its
+    /// cgroup is under this containerd's, never a fixed global one.
+    pub fn run_container(&self, spec: &ContainerRun) -> Result<(std::process::ExitStatus, String)> {
+        let id = unique("sluice-run-");
+        let log = self.dir.join(format!("{id}.log"));
+        let mut cmd = self.ctr();
+        cmd.args(["run", "--rm"])
+            .arg("--cgroup")
+            .arg(format!("{}/{id}", self.cgroup_parent))
+            .arg("--log-uri")
+            .arg(format!("file://{}", log.display()));
+        if spec.privileged {
+            cmd.arg("--privileged");
+        }
+        if spec.host_network {
+            // The runtime's network namespace: the node's.
+            cmd.arg("--net-host");
+        }
+        if spec.host_pid {
+            // The runtime's own PID namespace: the node's.
+            let pid = self
+                .child
+                .as_ref()
+                .context("containerd is not running")?
+                .id();
+            cmd.arg(format!("--with-ns=pid:/proc/{pid}/ns/pid"));
+        }
+        for (k, v) in &spec.env {
+            cmd.arg("--env").arg(format!("{k}={v}"));
+        }
+        for m in &spec.mounts {
+            // rbind carries the mounts below the source (netns files, bpffs) along.
+            let mut options = "rbind:rw".to_string();
+            if let Some(p) = m.propagation {
+                options.push(':');
+                options.push_str(p);
+            }
+            cmd.arg("--mount").arg(format!(
+                "type=bind,src={},dst={},options={options}",
+                m.host.display(),
+                m.container.display()
+            ));
+        }
+        cmd.arg(&spec.image).arg(&id).args(&spec.command);
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running ctr run for {}", spec.image))?;
+        let mut output = fs::read_to_string(&log).unwrap_or_default();
+        output.push_str(&String::from_utf8_lossy(&out.stdout));
+        output.push_str(&String::from_utf8_lossy(&out.stderr));
+        Ok((out.status, output))
     }
 
     /// RunPodSandbox (which runs the CNI ADD chain); returns the sandbox id.
@@ -350,6 +419,27 @@ impl Drop for Containerd {
             eprintln!("--- containerd log ---\n{}", self.log());
         }
     }
+}
+
+/// A container for [`Containerd::run_container`].
+#[derive(Debug, Clone, Default)]
+pub struct ContainerRun {
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub mounts: Vec<BindMount>,
+    pub privileged: bool,
+    pub host_network: bool,
+    pub host_pid: bool,
+}
+
+/// A host directory or file mounted into a container.
+#[derive(Debug, Clone)]
+pub struct BindMount {
+    pub host: PathBuf,
+    pub container: PathBuf,
+    /// `rslave` (Kubernetes' HostToContainer), `rshared` (Bidirectional), or none.
+    pub propagation: Option<&'static str>,
 }
 
 /// Connects the CRI client, retrying until the socket answers or containerd exits.

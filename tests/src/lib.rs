@@ -9,10 +9,12 @@
 //! - [`sockets`], [`dns`]: small socket and DNS helpers shared by the above.
 //! - [`cni_runtime`]: a runtime's CNI side in miniature, to run plugin chains as libcni does;
 //!   [`containerd`], [`pause_image`]: a real containerd and the sandbox image it runs.
+//! - [`deploy`]: the real Helm engine, the manifests as API objects, the agent's image.
 
 pub mod agent_proc;
 pub mod cni_runtime;
 pub mod containerd;
+pub mod deploy;
 pub mod dns;
 pub mod fixture;
 pub mod harness;

@@ -3,6 +3,8 @@ mod bench;
 mod bootstrap;
 mod cmd;
 mod demo;
+mod helm;
+mod image;
 mod kube_apiserver;
 mod test;
 mod vm;
@@ -45,6 +47,9 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Release build, then the agent's container image (an OCI archive for `ctr images
+    /// import`, `podman load`, `skopeo`) in target/sluice-image/; prints its path and name.
+    Image,
     /// Build kube-apiserver v1.20.2 and fetch etcd for the tests, unless already cached
     /// (under `$XDG_CACHE_HOME/sluice`, default `~/.cache/sluice`); prints their directory.
     KubeApiserver,
@@ -122,6 +127,12 @@ fn run(command: Command) -> Result<()> {
             quick,
             &out.unwrap_or_else(|| workspace_root().join("bench")),
         ),
+        Command::Image => {
+            bootstrap::run()?;
+            let image = image::build()?;
+            println!("{}\t{}", image.archive.display(), image.reference);
+            Ok(())
+        }
         Command::KubeApiserver => {
             let dir = kube_apiserver::ensure()?;
             println!("{}", dir.display());

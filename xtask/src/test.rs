@@ -8,10 +8,16 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use crate::{KernelChoice, bootstrap, cmd, kube_apiserver, vm};
+use crate::{KernelChoice, bootstrap, cmd, helm, image, kube_apiserver, vm};
 
 /// Tells the tests where `kube-apiserver` and `etcd` are (see `tests/src/kube`).
 const KUBE_BIN_DIR_VAR: &str = "SLUICE_KUBE_BIN_DIR";
+/// Tell the deploy tests where the Helm library, the image archive and its name, and the
+/// image's (release) binaries are (see `tests/src/deploy`).
+const HELM_LIB_VAR: &str = "SLUICE_HELM_LIB";
+const IMAGE_ARCHIVE_VAR: &str = "SLUICE_IMAGE_ARCHIVE";
+const IMAGE_REF_VAR: &str = "SLUICE_IMAGE_REF";
+const IMAGE_BIN_DIR_VAR: &str = "SLUICE_IMAGE_BIN_DIR";
 
 /// Runs every step, then ends with a one-line summary (exiting 1 on failure, so the summary
 /// stays the last line).
@@ -75,11 +81,18 @@ fn steps(extra: &[String]) -> Result<()> {
     cmd::run(cmd::cargo().args(["build", "--bins"]).args(TEST_FEATURES))?;
     // The Kubernetes tests run against a real kube-apiserver and etcd (built once, cached).
     let kube_bins = kube_apiserver::ensure()?;
+    // The deploy tests: the chart through the real Helm engine, the image in containerd.
+    let helm_lib = helm::ensure()?;
+    let image = image::build()?;
     let mut test = cmd::cargo();
     test.arg("test")
         .args(TEST_FEATURES)
         .env("RUST_BACKTRACE", "1")
-        .env(KUBE_BIN_DIR_VAR, &kube_bins);
+        .env(KUBE_BIN_DIR_VAR, &kube_bins)
+        .env(HELM_LIB_VAR, &helm_lib)
+        .env(IMAGE_ARCHIVE_VAR, &image.archive)
+        .env(IMAGE_REF_VAR, &image.reference)
+        .env(IMAGE_BIN_DIR_VAR, &image.bin_dir);
     if !extra.is_empty() {
         test.arg("--").args(extra);
     }

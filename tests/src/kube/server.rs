@@ -286,6 +286,8 @@ impl KubeServer {
         .arg(format!("--client-ca-file={}", path("ca.crt")))
         .arg(format!("--token-auth-file={}", path("tokens.csv")))
         .arg("--authorization-mode=RBAC")
+        // As every real cluster's: the agent's DaemonSet is privileged.
+        .arg("--allow-privileged=true")
         .arg("--service-account-issuer=https://kubernetes.default.svc")
         .arg(format!("--service-account-key-file={}", path("sa.pub")))
         .arg(format!(

@@ -51,10 +51,17 @@ struct Target {
     kind: Vec<String>,
 }
 
-/// Test executables that exercise user-space services rather than the kernel (a real
-/// containerd, a real kube-apiserver with etcd): they run on the host only, which keeps their
-/// binaries (hundreds of MiB) out of the initramfs.
-const HOST_ONLY: &[&str] = &["cni_containerd", "kube_api", "kube_outage"];
+/// Test executables about what the node runs rather than the kernel (a real containerd, a
+/// real kube-apiserver with etcd, the Helm library, the release image): they run on the host
+/// only, which keeps their binaries (hundreds of MiB) out of the initramfs.
+const HOST_ONLY: &[&str] = &[
+    "cni_containerd",
+    "kube_api",
+    "kube_outage",
+    "deploy_chart",
+    "deploy_image",
+    "deploy_upgrade",
+];
 
 /// Builds the binaries and test executables (the same ones `cargo xtask test` runs on the
 /// host, so nothing is rebuilt) and lists each executable's tests, as `test_args` (a

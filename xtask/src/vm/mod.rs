@@ -16,7 +16,7 @@ mod guest_report;
 mod image;
 mod kernels;
 mod qemu;
-mod rootfs;
+pub(crate) mod rootfs;
 mod summary;
 
 use std::{

@@ -222,6 +222,56 @@ impl Rootfs {
     }
 }
 
+impl Rootfs {
+    /// Writes the tree as a tar archive (a container image layer): owned by root, every
+    /// timestamp 0, so the same files always give the same bytes (and layer digest).
+    pub fn write_tar(&self, out: impl Write) -> Result<()> {
+        let mut tar = tar::Builder::new(out);
+        for (path, entry) in &self.entries {
+            let name = path.strip_prefix("/").unwrap_or(path);
+            let mut h = tar::Header::new_ustar();
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            match entry {
+                Entry::Parent | Entry::Dir { .. } => {
+                    let mode = match entry {
+                        Entry::Dir { mode } => *mode,
+                        _ => 0o755,
+                    };
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(mode);
+                    h.set_size(0);
+                    tar.append_data(&mut h, name, io::empty())?;
+                }
+                Entry::File { src, mode } => {
+                    let input =
+                        File::open(src).with_context(|| format!("reading {}", src.display()))?;
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_mode(*mode);
+                    h.set_size(input.metadata()?.len());
+                    tar.append_data(&mut h, name, input)?;
+                }
+                Entry::Data { bytes, mode } => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_mode(*mode);
+                    h.set_size(bytes.len() as u64);
+                    tar.append_data(&mut h, name, bytes.as_slice())?;
+                }
+                Entry::Symlink { target } => {
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_mode(0o777);
+                    h.set_size(0);
+                    tar.append_link(&mut h, name, target)?;
+                }
+                Entry::CharDev { .. } => bail!("{}: no device nodes in a layer", path.display()),
+            }
+        }
+        tar.into_inner()?.flush()?;
+        Ok(())
+    }
+}
+
 /// The absolute paths in `ldd` output: `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)`
 /// and the loader's own `/lib64/ld-linux-x86-64.so.2 (0x…)`; `linux-vdso.so.1` has none.
 fn ldd_paths(out: &str) -> Result<Vec<PathBuf>> {
