@@ -346,7 +346,7 @@ impl Reconciler {
             (Desired::Out, false, None) => (
                 Outcome::Skipped(match seen.decision {
                     Some(Decision::Skip(s)) => s.as_str().to_string(),
-                    _ => "not on this node".to_string(),
+                    _ => "gone from this node".to_string(),
                 }),
                 false,
             ),
