@@ -17,50 +17,43 @@
 //! Start-up (see [`Reconciler::initial_sync`]): the pod table is restored first
 //! (`Agent::start`), then the caches fill, then every key is reconciled once; only then is
 //! ztunnel served its snapshot and the agent ready.
+//!
+//! Modules: [`queue`] the work queue; [`plan`] the pure core; `worker` one run for one pod;
+//! `netns_finder` batched `/proc` scans; [`cni`] the CNI requests; `report` status and Events.
 pub mod cni;
 mod netns_finder;
 pub mod plan;
 pub mod queue;
+mod report;
+mod worker;
+
+pub use report::{PodReport, ReconcilerStatus, WatchStatus};
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    os::unix::fs::MetadataExt as _,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use futures_util::future::join_all;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::{Client, ResourceExt as _};
-use serde::Serialize;
+use kube::Client;
 use tokio::sync::{Semaphore, mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::{
-    agent::{Agent, AgentError},
-    control::api::{EnrollReply, EnrollRequest},
+    agent::Agent,
+    control::api::EnrollReply,
     k8s::{
         self,
-        annotate::{self, AnnotateError, PodEvents, Redirection, reason},
-        policy::ignored_annotations,
-        procscan::{PodToFind, ProcScanner},
-        watch::{Caches, PodKey, WatchCounts, WatchSettings},
+        annotate::PodEvents,
+        procscan::ProcScanner,
+        watch::{Caches, PodKey, WatchSettings},
     },
-    policy::Decision,
-    recovery,
-    zds::AckState,
 };
-use netns_finder::{Found, NetnsFinder};
-use plan::{Desired, Enrolled, Facts, Options, Step};
-use queue::{Backoff, Job, Queue};
-
-/// Steps one run may take before it gives the key back (a plan always converges in fewer;
-/// this only bounds a bug).
-const MAX_STEPS: usize = 4;
-/// Failed attempts to find a running pod's netns before an Event says so.
-const NOT_FOUND_EVENT_AFTER: u32 = 3;
+use netns_finder::NetnsFinder;
+use queue::{Backoff, Queue};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -107,45 +100,6 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// What the reconciler last concluded about a pod (`sluice-agent status`).
-#[derive(Debug, Clone, Serialize)]
-pub struct PodReport {
-    pub uid: String,
-    pub namespace: String,
-    pub name: String,
-    /// `enrolled`, `skipped`, `waiting` or `failed`.
-    pub state: &'static str,
-    pub reason: String,
-    /// The `resourceVersion`s the decision was made from.
-    pub pod_version: Option<String>,
-    pub namespace_version: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ReconcilerStatus {
-    pub node: String,
-    pub watch: WatchStatus,
-    pub queued: usize,
-    pub pods: Vec<PodReport>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct WatchStatus {
-    pub pod_lists: u64,
-    pub namespace_lists: u64,
-    pub errors: u64,
-}
-
-impl From<WatchCounts> for WatchStatus {
-    fn from(c: WatchCounts) -> Self {
-        WatchStatus {
-            pod_lists: c.pod_lists,
-            namespace_lists: c.namespace_lists,
-            errors: c.errors,
-        }
-    }
-}
-
 /// The sandbox a CNI ADD announced for a pod.
 #[derive(Debug, Clone)]
 struct SandboxHint {
@@ -169,24 +123,6 @@ pub struct Reconciler {
     warned: Mutex<HashMap<(String, &'static str), String>>,
     /// Bumped whenever the pod cache changes (CNI ADDs waiting for their pod look again).
     cache_changed: watch::Sender<u64>,
-}
-
-/// What a run looks at: the cached objects and the plan's facts.
-struct Seen {
-    pod: Option<Arc<Pod>>,
-    namespace: Option<Arc<Namespace>>,
-    decision: Option<Decision>,
-    facts: Facts,
-}
-
-/// How a step ended when it did not fail.
-enum Applied {
-    Done { fresh: Option<EnrollReply> },
-    Wait(String),
-}
-
-struct Failure {
-    message: String,
 }
 
 impl Reconciler {
@@ -271,379 +207,8 @@ impl Reconciler {
         }
     }
 
-    pub fn status(&self) -> ReconcilerStatus {
-        ReconcilerStatus {
-            node: self.settings.node_name.clone(),
-            watch: self.caches.counts().into(),
-            queued: self.queue.in_progress(),
-            pods: lock(&self.reports).values().cloned().collect(),
-        }
-    }
-
     fn sandboxes(&self) -> MutexGuard<'_, HashMap<String, SandboxHint>> {
         lock(&self.sandboxes)
-    }
-
-    async fn work(self: Arc<Self>, job: Job<Outcome>) {
-        let (outcome, retry) = self.reconcile(&job.uid, job.failures).await;
-        match &outcome {
-            Outcome::Failed(e) => {
-                warn!(uid = %job.uid, error = %e, attempt = job.failures + 1, "reconciling a pod")
-            }
-            o => debug!(uid = %job.uid, outcome = ?o, "reconciled"),
-        }
-        self.queue.done(job, outcome, retry);
-    }
-
-    /// One run for one pod: steps until the plan has none left, then the annotation.
-    async fn reconcile(&self, uid: &str, failures: u32) -> (Outcome, bool) {
-        let mut fresh: Option<EnrollReply> = None;
-        let mut waiting = None;
-        let mut failed = None;
-        let mut seen = self.look(uid);
-        for _ in 0..MAX_STEPS {
-            let Some(step) = plan::next_step(&seen.facts) else {
-                break;
-            };
-            debug!(uid, ?step, "reconcile step");
-            let applied = self.apply(uid, &seen, step, failures).await;
-            seen = self.look(uid);
-            match applied {
-                Ok(Applied::Done { fresh: f }) => {
-                    if f.is_some() {
-                        fresh = f;
-                    }
-                }
-                Ok(Applied::Wait(why)) => {
-                    waiting = Some(why);
-                    break;
-                }
-                Err(f) => {
-                    failed = Some(f.message);
-                    break;
-                }
-            }
-        }
-        // Whatever happened, the annotation says what is true now.
-        let annotated = self.annotate(uid, &seen, fresh.as_ref()).await;
-        if let Some(message) = failed.or(annotated.err().map(|f| f.message)) {
-            let outcome = Outcome::Failed(message);
-            self.report(&seen, &outcome);
-            return (outcome, true);
-        }
-        let enrolled = seen.facts.enrolled.is_some();
-        let (outcome, retry) = match (&seen.facts.desired, enrolled, waiting) {
-            (_, true, _) => (Outcome::Enrolled(fresh), false),
-            (Desired::Unknown, false, _) => (
-                Outcome::Waiting("the pod's namespace is not cached yet".into()),
-                true,
-            ),
-            (_, false, Some(why)) => (Outcome::Waiting(why), false),
-            (Desired::In(_), false, None) => (
-                Outcome::Waiting("waiting for the pod's next sandbox (CNI ADD)".into()),
-                false,
-            ),
-            (Desired::Out, false, None) => (
-                Outcome::Skipped(match seen.decision {
-                    Some(Decision::Skip(s)) => s.as_str().to_string(),
-                    _ => "gone from this node".to_string(),
-                }),
-                false,
-            ),
-        };
-        self.report(&seen, &outcome);
-        if seen.pod.is_none() && !enrolled {
-            self.forget(uid);
-        }
-        (outcome, retry)
-    }
-
-    /// Everything a run decides from, read now.
-    fn look(&self, uid: &str) -> Seen {
-        let pod = self.caches.pod(uid);
-        let namespace = pod
-            .as_ref()
-            .and_then(|p| p.metadata.namespace.as_deref())
-            .and_then(|ns| self.caches.namespace(ns));
-        let policy = &self.agent.settings().policy;
-        let decision = match (&pod, &namespace) {
-            (Some(p), Some(ns)) => Some(policy.decide(p, ns)),
-            _ => None,
-        };
-        let desired = match (&pod, decision) {
-            (None, _) => Desired::Out,
-            (Some(_), None) => Desired::Unknown,
-            (Some(_), Some(Decision::Skip(_))) => Desired::Out,
-            (Some(_), Some(Decision::Enroll(o))) => Desired::In(Options {
-                dns_capture: o.dns_capture.unwrap_or(self.agent.settings().dns_capture),
-                bypass_inbound: o.bypass_inbound,
-            }),
-        };
-        let enrolled = self.agent.pod_record(uid).map(|r| Enrolled {
-            options: Options {
-                dns_capture: r.dns_capture,
-                bypass_inbound: r.bypass_inbound,
-            },
-            netns_inode: r.netns_inode,
-            netns_live: recovery::names_its_netns(&r),
-            container_id: r.container_id,
-        });
-        let sandbox = self.sandboxes().get(uid).map(|h| plan::Sandbox {
-            container_id: h.container_id.clone(),
-            netns_inode: std::fs::metadata(&h.netns).ok().map(|m| m.ino()),
-            deleted: h.deleted,
-        });
-        Seen {
-            pod,
-            namespace,
-            decision,
-            facts: Facts {
-                desired,
-                enrolled,
-                sandbox,
-            },
-        }
-    }
-
-    async fn apply(
-        &self,
-        uid: &str,
-        seen: &Seen,
-        step: Step,
-        failures: u32,
-    ) -> Result<Applied, Failure> {
-        match step {
-            Step::EnrollSandbox(o) => {
-                let pod = seen.pod.as_deref().ok_or_else(|| fail("the pod is gone"))?;
-                let hint = self
-                    .sandboxes()
-                    .get(uid)
-                    .cloned()
-                    .ok_or_else(|| fail("the pod's sandbox is no longer known"))?;
-                let req =
-                    self.enroll_request(pod, o, hint.netns, hint.ips, Some(hint.container_id));
-                self.enroll(pod, req).await
-            }
-            Step::EnrollScanned(o) => {
-                let pod = seen.pod.as_deref().ok_or_else(|| fail("the pod is gone"))?;
-                self.enroll_scanned(uid, pod, seen, o, failures).await
-            }
-            Step::Update(o) => {
-                self.agent
-                    .update_options(uid.to_string(), o.dns_capture, o.bypass_inbound)
-                    .await
-                    .map_err(|e| fail(format!("updating the pod's options: {e}")))?;
-                Ok(Applied::Done { fresh: None })
-            }
-            Step::Unenroll => match self.agent.unenroll(uid.to_string()).await {
-                Ok(()) | Err(AgentError::NotEnrolled(_)) => Ok(Applied::Done { fresh: None }),
-                Err(e) => {
-                    let message = format!("un-enrolling the pod: {e}");
-                    if let Some(pod) = seen.pod.as_deref() {
-                        self.warn(pod, "Unenroll", reason::UNENROLL_FAILED, &message)
-                            .await;
-                    }
-                    Err(fail(message))
-                }
-            },
-        }
-    }
-
-    async fn enroll_scanned(
-        &self,
-        uid: &str,
-        pod: &Pod,
-        seen: &Seen,
-        o: Options,
-        failures: u32,
-    ) -> Result<Applied, Failure> {
-        let ips = match k8s::pod_ips(pod) {
-            Ok(ips) => ips,
-            Err(e) => {
-                let message = e.to_string();
-                self.warn(pod, "Enroll", reason::ENROLL_FAILED, &message)
-                    .await;
-                return Err(fail(message));
-            }
-        };
-        if ips.is_empty() {
-            return Ok(Applied::Wait(
-                "the pod has no IP yet (its CNI ADD has not finished)".into(),
-            ));
-        }
-        let found = self
-            .finder
-            .find(PodToFind {
-                uid: uid.to_string(),
-                ips: ips.clone(),
-            })
-            .await
-            .map_err(fail)?;
-        let netns = match found {
-            Found::Netns(n) => n,
-            Found::Nothing(refused) => {
-                if seen.facts.enrolled.is_some() {
-                    // Enrolled in a netns that is gone, and none to be found: let it go.
-                    self.agent
-                        .unenroll(uid.to_string())
-                        .await
-                        .map_err(|e| fail(format!("letting go of a vanished netns: {e}")))?;
-                }
-                let message = match refused.first() {
-                    Some(r) => format!(
-                        "refused the network namespace of process {}: it lacks the pod's IPs {:?} (it holds {:?})",
-                        r.pid, r.missing, r.held
-                    ),
-                    None => "no process of the pod runs on this node (its network namespace was not found in /proc)".to_string(),
-                };
-                if !refused.is_empty() || failures + 1 >= NOT_FOUND_EVENT_AFTER {
-                    self.warn(pod, "Enroll", reason::ENROLL_FAILED, &message)
-                        .await;
-                }
-                return Err(fail(message));
-            }
-        };
-        let req = self.enroll_request(pod, o, netns.path.clone(), ips, None);
-        // `netns.netns` stays open until enrolled: the namespace cannot be recycled meanwhile.
-        let applied = self.enroll(pod, req).await;
-        drop(netns);
-        applied
-    }
-
-    fn enroll_request(
-        &self,
-        pod: &Pod,
-        o: Options,
-        netns: PathBuf,
-        ips: Vec<IpAddr>,
-        container_id: Option<String>,
-    ) -> EnrollRequest {
-        EnrollRequest {
-            uid: pod.metadata.uid.clone().unwrap_or_default(),
-            name: pod.name_any(),
-            namespace: pod.namespace().unwrap_or_default(),
-            service_account: pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.service_account_name.clone())
-                .unwrap_or_else(|| "default".into()),
-            netns,
-            ips,
-            dns_capture: Some(o.dns_capture),
-            bypass_inbound: o.bypass_inbound,
-            wait_ms: Some(self.agent.settings().ack_wait.as_millis() as u64),
-            container_id,
-        }
-    }
-
-    async fn enroll(&self, pod: &Pod, req: EnrollRequest) -> Result<Applied, Failure> {
-        match self.agent.enroll(req).await {
-            Ok(reply) => Ok(Applied::Done {
-                fresh: (!reply.already_enrolled).then_some(reply),
-            }),
-            Err(e) => {
-                let message = format!("enrolling the pod: {e}");
-                if !matches!(e, AgentError::ShuttingDown) {
-                    self.warn(pod, "Enroll", reason::ENROLL_FAILED, &message)
-                        .await;
-                }
-                Err(fail(message))
-            }
-        }
-    }
-
-    /// Brings the annotation in line with what the pod is now.
-    async fn annotate(
-        &self,
-        uid: &str,
-        seen: &Seen,
-        fresh: Option<&EnrollReply>,
-    ) -> Result<(), Failure> {
-        let Some(pod) = seen.pod.as_deref() else {
-            return Ok(());
-        };
-        if matches!(seen.facts.desired, Desired::Unknown) {
-            return Ok(());
-        }
-        let acked = self.agent.hub.state(uid) == Some(AckState::Acked);
-        let want = plan::annotation(
-            seen.facts.enrolled.is_some(),
-            acked,
-            fresh.is_some(),
-            Redirection::of(pod),
-        );
-        if annotate::redirection_is(pod, want) {
-            return Ok(());
-        }
-        let Some(key) = PodKey::of(pod) else {
-            return Ok(());
-        };
-        match annotate::set_redirection(&self.client, &key, want).await {
-            // Deleted meanwhile: its key comes again, with nothing left to annotate.
-            Ok(()) | Err(AnnotateError::Gone(_)) => Ok(()),
-            Err(e) => Err(fail(e.to_string())),
-        }
-    }
-
-    fn report(&self, seen: &Seen, outcome: &Outcome) {
-        let Some(pod) = &seen.pod else { return };
-        let Some(uid) = pod.metadata.uid.clone() else {
-            return;
-        };
-        let (state, reason) = match outcome {
-            Outcome::Enrolled(_) => ("enrolled", String::new()),
-            Outcome::Skipped(r) => ("skipped", r.clone()),
-            Outcome::Waiting(r) => ("waiting", r.clone()),
-            Outcome::Failed(r) => ("failed", r.clone()),
-        };
-        let report = PodReport {
-            uid: uid.clone(),
-            namespace: pod.namespace().unwrap_or_default(),
-            name: pod.name_any(),
-            state,
-            reason,
-            pod_version: pod.resource_version(),
-            namespace_version: seen.namespace.as_ref().and_then(|n| n.resource_version()),
-        };
-        lock(&self.reports).insert(uid, report);
-    }
-
-    /// A pod gone from the cluster and the dataplane: nothing is kept about it.
-    fn forget(&self, uid: &str) {
-        self.sandboxes().remove(uid);
-        lock(&self.reports).remove(uid);
-        lock(&self.warned).retain(|(u, _), _| u != uid);
-    }
-
-    /// A Warning Event on the pod, unless the last one for this reason said the same.
-    async fn warn(&self, pod: &Pod, action: &str, reason: &'static str, note: &str) {
-        let uid = pod.metadata.uid.clone().unwrap_or_default();
-        {
-            let mut warned = lock(&self.warned);
-            let key = (uid, reason);
-            if warned.get(&key).map(String::as_str) == Some(note) {
-                return;
-            }
-            warned.insert(key, note.to_string());
-        }
-        if let Err(e) = self.events.warn(pod, action, reason, note).await {
-            warn!(pod = %pod.name_any(), error = %e, "recording an Event");
-        }
-    }
-
-    /// Ignored annotation values (not booleans) get one Event per pod and value.
-    async fn check_annotations(&self, pod: &Pod) {
-        let ignored = ignored_annotations(pod);
-        if ignored.is_empty() {
-            return;
-        }
-        let note = ignored
-            .iter()
-            .map(|(k, v)| format!("{k}={v:?} is not a boolean and was ignored"))
-            .collect::<Vec<_>>()
-            .join("; ");
-        self.warn(pod, "Enroll", reason::BAD_ANNOTATION, &note)
-            .await;
     }
 }
 
@@ -719,12 +284,6 @@ fn spawn_until(mut stop: watch::Receiver<bool>, task: impl Future<Output = ()> +
             _ = task => {}
         }
     });
-}
-
-fn fail(message: impl Into<String>) -> Failure {
-    Failure {
-        message: message.into(),
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
