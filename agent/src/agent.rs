@@ -74,6 +74,8 @@ pub enum AgentError {
     },
     #[error("network namespace {netns} is already enrolled for pod {uid}")]
     NetnsTaken { netns: String, uid: String },
+    #[error("the pod's network namespace {0} is gone")]
+    NetnsGone(String),
     #[error(transparent)]
     Dataplane(#[from] dataplane::Error),
     #[error(transparent)]
@@ -84,6 +86,14 @@ pub enum AgentError {
     Io(#[from] std::io::Error),
     #[error("the agent is shutting down")]
     ShuttingDown,
+    /// Cannot be done now; a retry may succeed (Kubernetes mode: the cache is behind, ...).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Kubernetes mode: enrollment follows the pods' labels, not requests.
+    #[error(
+        "the agent runs in Kubernetes mode, where pods are enrolled by their labels (istio.io/dataplane-mode), not by hand"
+    )]
+    KubernetesMode,
 }
 
 /// One pod the agent has taken on.
@@ -312,14 +322,31 @@ impl Agent {
             let table = self.pods.lock();
             match table.get(&req.uid) {
                 Some(p) if p.record.netns_cookie == cookie && p.record.phase == Phase::Enrolled => {
-                    let (workload, mut have) = (p.workload(), p.record.clone());
+                    let (mut workload, mut have) = (p.workload(), p.record.clone());
                     drop(table);
-                    if req.container_id.is_some() && have.container_id != req.container_id {
-                        // Enrolled by hand first: from now on the sandbox's DEL lets it go.
-                        have.container_id = req.container_id.clone();
+                    // Enrolled by hand (or found in /proc) first: from now on the sandbox's
+                    // DEL lets it go.
+                    let new_owner =
+                        req.container_id.is_some() && have.container_id != req.container_id;
+                    // The same netns under another path (the one recorded is gone, e.g. the
+                    // process it was found through exited): the record follows it.
+                    let moved = have.netns != req.netns;
+                    if new_owner || moved {
+                        if new_owner {
+                            have.container_id = req.container_id.clone();
+                        }
+                        if moved {
+                            info!(uid = %req.uid, netns = %req.netns.display(), "the pod's netns has a new path");
+                            have.netns = req.netns.clone();
+                            have.netns_inode = ns.inode();
+                        }
                         self.store.put(&have)?;
                         if let Some(p) = self.pods.lock().get_mut(&req.uid) {
-                            p.record.container_id = have.container_id;
+                            p.record = have;
+                            if moved {
+                                p.netns = Some(Arc::clone(&ns));
+                                workload = p.workload();
+                            }
                         }
                     }
                     return Ok(Enrolled::Already(workload, cookie));
@@ -467,6 +494,62 @@ impl Agent {
         }
         info!(uid, "pod unenrolled");
         Ok(())
+    }
+
+    /// Changes an enrolled pod's options in place (`Dataplane::update_options`): the
+    /// dataplane first, then the record, so a crash in between leaves the old options on
+    /// record and the next reconcile applies the new ones again.
+    pub async fn update_options(
+        self: &Arc<Self>,
+        uid: String,
+        dns_capture: bool,
+        bypass_inbound: bool,
+    ) -> Result<(), AgentError> {
+        let _guard = self.locks.lock(&uid).await;
+        let this = Arc::clone(self);
+        blocking(move || this.update_step(&uid, dns_capture, bypass_inbound)).await
+    }
+
+    fn update_step(
+        &self,
+        uid: &str,
+        dns_capture: bool,
+        bypass_inbound: bool,
+    ) -> Result<(), AgentError> {
+        let (mut record, netns) = {
+            let table = self.pods.lock();
+            let pod = table
+                .get(uid)
+                .ok_or_else(|| AgentError::NotEnrolled(uid.to_string()))?;
+            (pod.record.clone(), pod.netns.clone())
+        };
+        if record.dns_capture == dns_capture && record.bypass_inbound == bypass_inbound {
+            return Ok(());
+        }
+        let netns = netns
+            .or_else(|| recovery::open_verified(&record).map(Arc::new))
+            .ok_or_else(|| AgentError::NetnsGone(record.netns.display().to_string()))?;
+        let opts = EnrollOptions {
+            dns_capture,
+            bypass_inbound,
+            ipv6: record.ipv6,
+        };
+        self.dp().update_options(&netns, opts)?;
+        record.dns_capture = dns_capture;
+        record.bypass_inbound = bypass_inbound;
+        if let Err(e) = self.store.put(&record) {
+            self.metrics.error("state");
+            warn!(uid, error = %e, "recording new pod options (they stand; a restart re-applies them)");
+        }
+        if let Some(p) = self.pods.lock().get_mut(uid) {
+            p.record = record;
+        }
+        Ok(())
+    }
+
+    /// The pod's record, if it is enrolled (an in-memory read).
+    pub fn pod_record(&self, uid: &str) -> Option<PodRecord> {
+        self.pods.lock().get(uid).map(|p| p.record.clone())
     }
 
     /// Un-enrolls the pod that `container_id`'s CNI ADD enrolled, if any. Checked again under

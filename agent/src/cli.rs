@@ -129,7 +129,8 @@ pub struct CniArgs {
     /// Namespaces whose pods are never enrolled, comma-separated; kube-system never is.
     #[arg(long, env = "EXCLUDE_NAMESPACES", value_delimiter = ',')]
     pub exclude_namespaces: Vec<String>,
-    /// Standalone mode: namespaces whose pods a CNI ADD enrolls, comma-separated.
+    /// Standalone mode: namespaces whose pods a CNI ADD enrolls, comma-separated (ignored in
+    /// Kubernetes mode, where labels decide).
     #[arg(long, env = "SLUICE_AMBIENT_NAMESPACES", value_delimiter = ',')]
     pub ambient_namespaces: Vec<String>,
 }
@@ -178,15 +179,38 @@ pub struct RunArgs {
     /// Milliseconds an enroll request waits for ztunnel's ACK by default.
     #[arg(long, env = "SLUICE_ENROLL_WAIT_MS", default_value_t = 5000)]
     pub enroll_wait_ms: u64,
-    /// Seconds between checks for pods whose network namespace disappeared without an unenroll.
+    /// Seconds between checks for pods whose network namespace disappeared without an unenroll;
+    /// in Kubernetes mode, between full resyncs of every pod (which include that check).
     #[arg(long, env = "SLUICE_GC_INTERVAL", default_value_t = 10)]
     pub gc_interval: u64,
-    /// This node's name (informational in standalone mode).
+    /// This node's name: in Kubernetes mode its pods are the ones watched, and its startup
+    /// taint is removed (required there; informational in standalone mode).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
-    /// The agent's own namespace (informational in standalone mode).
+    /// The agent's own namespace, where ztunnel runs too (Kubernetes mode: ztunnel's pods are
+    /// never enrolled).
     #[arg(long, env = "POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
+    /// Kubernetes mode with this kubeconfig. Without it, Kubernetes mode is on when the agent
+    /// runs in a pod (`KUBERNETES_SERVICE_HOST`, its service account); off otherwise
+    /// (standalone: `--ambient-namespaces` decide).
+    #[arg(long, env = "SLUICE_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: the node taint removed once the agent is ready and its CNI entry is
+    /// installed (Istio's key; empty: leave taints alone).
+    #[arg(long, env = "SLUICE_STARTUP_TAINT", default_value = crate::k8s::node_taint::DEFAULT_STARTUP_TAINT)]
+    pub startup_taint: String,
+    /// Kubernetes mode: how long a CNI ADD waits for the agent's cache to show its pod, in
+    /// milliseconds.
+    #[arg(long, env = "SLUICE_CNI_POD_LOOKUP_MS", default_value_t = 5000)]
+    pub cni_pod_lookup_ms: u64,
+}
+
+impl RunArgs {
+    /// Whether the agent takes its desired state from Kubernetes.
+    pub fn kubernetes_mode(&self) -> bool {
+        self.kubeconfig.is_some() || crate::k8s::in_cluster()
+    }
 }
 
 #[derive(Debug, Args)]

@@ -1,5 +1,7 @@
-//! What the agent does for sluice-cni's requests (control socket ops `cni_*`): decide with the
-//! enrollment policy, then enroll or let go through the same `Agent` operations as the CLI.
+//! What the agent does for sluice-cni's requests (control socket ops `cni_*`). Standalone:
+//! decide with the enrollment policy, then enroll or let go through the same `Agent`
+//! operations as the CLI. Kubernetes mode: hand the request to the reconciler, the only one
+//! that changes the dataplane there.
 use std::{sync::Arc, time::Duration};
 
 use tracing::{info, warn};
@@ -11,14 +13,26 @@ use crate::{
         EnrollRequest,
     },
     policy::{self, Decision},
+    reconcile::Reconciler,
 };
 
 /// ADD: enroll the pod if the policy says so. Redirection is in place when this returns
 /// `Enrolled`, even if ztunnel has not acknowledged yet (it gets the pod when it connects).
-pub async fn add(agent: &Arc<Agent>, req: CniAddRequest) -> Result<CniAddReply, AgentError> {
-    let policy = &agent.settings().policy;
-    if let Decision::Skip(reason) = policy.decide(&req) {
-        return Ok(CniAddReply::Skipped { reason });
+pub async fn add(
+    agent: &Arc<Agent>,
+    kube: Option<&Reconciler>,
+    req: CniAddRequest,
+) -> Result<CniAddReply, AgentError> {
+    if let Some(r) = kube {
+        return r.cni_add(req).await;
+    }
+    match standalone_decision(agent, &req)? {
+        Decision::Skip(s) => {
+            return Ok(CniAddReply::Skipped {
+                reason: format!("namespace {}: {}", req.pod.namespace, s.as_str()),
+            });
+        }
+        Decision::Enroll(_) => {}
     }
     if req.ips.is_empty() {
         return Err(AgentError::Invalid(
@@ -49,9 +63,25 @@ pub async fn add(agent: &Arc<Agent>, req: CniAddRequest) -> Result<CniAddReply, 
     Ok(CniAddReply::Enrolled(reply))
 }
 
+/// The decision for a CNI ADD without a cluster.
+fn standalone_decision(agent: &Agent, req: &CniAddRequest) -> Result<Decision, AgentError> {
+    agent
+        .settings()
+        .policy
+        .decide_cni(req)
+        .ok_or_else(|| AgentError::Unavailable("the agent is not watching Kubernetes yet".into()))
+}
+
 /// CHECK: a pod that must be enrolled is enrolled, by this sandbox.
-pub fn check(agent: &Arc<Agent>, req: &CniAddRequest) -> Result<(), AgentError> {
-    if let Decision::Skip(_) = agent.settings().policy.decide(req) {
+pub fn check(
+    agent: &Arc<Agent>,
+    kube: Option<&Reconciler>,
+    req: &CniAddRequest,
+) -> Result<(), AgentError> {
+    if let Some(r) = kube {
+        return r.cni_check(req);
+    }
+    if let Decision::Skip(_) = standalone_decision(agent, req)? {
         return Ok(());
     }
     if agent
@@ -69,7 +99,14 @@ pub fn check(agent: &Arc<Agent>, req: &CniAddRequest) -> Result<(), AgentError> 
 }
 
 /// DEL: let go of what this container's ADD enrolled. Nothing enrolled is not an error.
-pub async fn del(agent: &Arc<Agent>, req: CniDelRequest) -> Result<CniDelReply, AgentError> {
+pub async fn del(
+    agent: &Arc<Agent>,
+    kube: Option<&Reconciler>,
+    req: CniDelRequest,
+) -> Result<CniDelReply, AgentError> {
+    if let Some(r) = kube {
+        return Ok(r.cni_del(req).await);
+    }
     let unenrolled = agent.unenroll_container(req.container_id.clone()).await?;
     if let Some(uid) = &unenrolled {
         info!(uid, container = %req.container_id, "CNI DEL: pod unenrolled");
@@ -79,7 +116,10 @@ pub async fn del(agent: &Arc<Agent>, req: CniDelRequest) -> Result<CniDelReply, 
 
 /// GC: let go of CNI enrollments whose sandbox the runtime no longer lists. Pods enrolled by
 /// hand are not the runtime's, and are left alone.
-pub async fn gc(agent: &Arc<Agent>, valid: Vec<String>) -> CniGcReply {
+pub async fn gc(agent: &Arc<Agent>, kube: Option<&Reconciler>, valid: Vec<String>) -> CniGcReply {
+    if let Some(r) = kube {
+        return r.cni_gc(valid).await;
+    }
     let mut unenrolled = Vec::new();
     for (uid, container) in agent.cni_containers() {
         if valid.contains(&container) {

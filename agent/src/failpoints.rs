@@ -5,7 +5,7 @@
 //! | point              | argument        | effect                                           |
 //! |--------------------|-----------------|--------------------------------------------------|
 //! | `state-put`        | a phase, `any`  | writing a pod record in that phase fails         |
-//! | `enroll-pause`     | `<uid>:<ms>`    | that pod's enrollment stops for `ms` before the dataplane step |
+//! | `enroll-pause`     | `<uid>:<ms>`    | that pod's enrollment (`*`: every one) stops for `ms` before the dataplane step |
 
 /// The argument of the active failpoint `name`, if any.
 pub fn arg(name: &str) -> Option<String> {
@@ -28,7 +28,7 @@ pub fn pause_enroll(uid: &str) {
     let Some((who, ms)) = arg.split_once(':') else {
         return;
     };
-    if who == uid {
+    if who == uid || who == "*" {
         let ms: u64 = ms.parse().unwrap_or(0);
         tracing::info!(uid, ms, "failpoint enroll-pause: pausing");
         std::thread::sleep(std::time::Duration::from_millis(ms));

@@ -8,8 +8,11 @@
 //! - [`http`], [`metrics`], [`status`], [`trace`]: health, Prometheus metrics, inspection;
 //! - [`cli`], [`run`], [`uninstall`], [`logging`], [`preflight`]: the `sluice-agent` command;
 //! - [`cni`]: the `sluice-cni` plugin; [`cni_ops`]: the agent's side of its requests;
-//!   [`policy`]: which pods a CNI ADD enrolls; [`cni_install`]: installing the plugin and its
-//!   conflist entry; [`readiness`]: conditions `/readyz` waits for.
+//!   [`policy`]: which pods are enrolled (standalone or Kubernetes); [`cni_install`]:
+//!   installing the plugin and its conflist entry; [`readiness`]: conditions `/readyz` waits
+//!   for;
+//! - [`reconcile`]: Kubernetes mode's reconciler (desired state from the caches, one work
+//!   queue per pod UID).
 pub mod agent;
 pub mod cli;
 pub mod cni;
@@ -27,6 +30,7 @@ pub mod pod_locks;
 pub mod policy;
 pub mod preflight;
 pub mod readiness;
+pub mod reconcile;
 pub mod recovery;
 pub mod run;
 pub mod shutdown;

@@ -8,7 +8,7 @@ use sluice_agent::{
         api::{EnrollRequest, Request},
         client,
     },
-    logging, run, status, uninstall,
+    k8s, logging, run, status, uninstall,
 };
 
 fn main() -> ExitCode {
@@ -90,7 +90,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::InstallCni(a) => {
-            let Some(mut installer) = setup::installer(&a.node, &a.cni, &socket)? else {
+            // In a cluster, labels decide: the entry must not carry a namespace list.
+            let policy = setup::policy(&a.cni, k8s::in_cluster().then_some(""));
+            let Some(mut installer) = setup::installer(&a.node, &a.cni, &policy, &socket)? else {
                 anyhow::bail!("install-cni needs --cni-conf-dir (or MOUNTED_CNI_NET_DIR)");
             };
             let config = setup::install_once(&mut installer, a.wait)?;

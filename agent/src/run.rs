@@ -12,19 +12,36 @@ use crate::{
     cli::RunArgs,
     cni_install, control, dataplane,
     dataplane::DataplaneConfig,
-    http,
+    http, k8s,
     metrics::Metrics,
     preflight,
     readiness::Readiness,
+    reconcile::{self, Reconciler},
     state::StateStore,
     zds::{self, ConnConfig, Hub, RetryPolicy},
 };
 
+/// The agent's own namespace when `POD_NAMESPACE` is not set (Istio's default).
+const DEFAULT_SYSTEM_NAMESPACE: &str = "istio-system";
+
 pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::Result<()> {
+    let kube_mode = args.kubernetes_mode();
     info!(
         node = args.node_name.as_deref().unwrap_or(""),
+        mode = if kube_mode {
+            "kubernetes"
+        } else {
+            "standalone"
+        },
         "sluice agent starting"
     );
+    let node_name = match (&args.node_name, kube_mode) {
+        (Some(n), true) if !n.is_empty() => Some(n.clone()),
+        (_, true) => {
+            anyhow::bail!("Kubernetes mode needs this node's name: set NODE_NAME (or --node-name)")
+        }
+        (_, false) => None,
+    };
     let metrics = Arc::new(Metrics::new());
     let hub = Hub::new(RetryPolicy {
         first: Duration::from_millis(args.zds_retry_ms.0),
@@ -76,11 +93,20 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
         accelerate: args.accelerate,
         ebpf_debug_log: tracing::enabled!(tracing::Level::DEBUG),
     };
+    let system_namespace = args
+        .pod_namespace
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .unwrap_or(DEFAULT_SYSTEM_NAMESPACE);
+    let policy = cni_install::setup::policy(&args.cni, kube_mode.then_some(system_namespace));
+    if kube_mode && !args.cni.ambient_namespaces.is_empty() {
+        warn!("--ambient-namespaces is ignored in Kubernetes mode: labels decide");
+    }
     let settings = AgentSettings {
         dns_capture: args.dns_capture,
         ipv6: args.ipv6,
         ack_wait: Duration::from_millis(args.enroll_wait_ms),
-        policy: cni_install::setup::policy(&args.cni),
+        policy: policy.clone(),
     };
     let (h, m, r) = (Arc::clone(&hub), Arc::clone(&metrics), Arc::clone(&ready));
     let agent =
@@ -97,28 +123,62 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
     }
 
     let zds_server = zds::Server::bind(&args.node.zds_socket).context("binding the ZDS socket")?;
-    let control_server =
+    let mut control_server =
         control::server::Server::bind(&control_socket).context("binding the control socket")?;
     let conn_cfg = ConnConfig {
         ack_timeout: Duration::from_secs(args.zds_ack_timeout),
         ..Default::default()
     };
+    // Kubernetes mode: the reconciler owns enrollment, CNI requests included.
+    let kube = match node_name {
+        Some(node) => {
+            let client = match &args.kubeconfig {
+                Some(path) => k8s::connect_with(path).await?,
+                None => k8s::connect()
+                    .await
+                    .context("connecting to the Kubernetes API")?,
+            };
+            let mut settings = reconcile::Settings::new(node);
+            settings.resync = Duration::from_secs(args.gc_interval.max(1));
+            settings.cni_pod_lookup = Duration::from_millis(args.cni_pod_lookup_ms);
+            let starting = Reconciler::setup(Arc::clone(&agent), client.clone(), settings)
+                .context("setting up the reconciler")?;
+            control_server = control_server.with_reconciler(Arc::clone(starting.reconciler()));
+            Some((starting.run(stop_rx.clone()), client))
+        }
+        None => None,
+    };
+    let control_task =
+        tokio::spawn(control_server.run(Arc::clone(&agent), stop_rx.clone(), stop_tx.clone()));
+    if let Some((reconciler, _)) = &kube {
+        // Before ztunnel gets its snapshot: the table must say what the cluster wants.
+        info!("waiting for the Kubernetes caches, then reconciling every pod");
+        reconciler
+            .initial_sync()
+            .await
+            .context("watching Kubernetes")?;
+    } else {
+        tasks.spawn(gc_loop(
+            Arc::clone(&agent),
+            Duration::from_secs(args.gc_interval.max(1)),
+            stop_rx.clone(),
+        ));
+    }
     let zds_task = tokio::spawn(zds_server.run(
         Arc::clone(&hub),
         conn_cfg,
         Arc::clone(&metrics),
         stop_rx.clone(),
     ));
-    let control_task =
-        tokio::spawn(control_server.run(Arc::clone(&agent), stop_rx.clone(), stop_tx.clone()));
-    tasks.spawn(gc_loop(
-        Arc::clone(&agent),
-        Duration::from_secs(args.gc_interval.max(1)),
-        stop_rx.clone(),
-    ));
     // Chained only once the agent can answer the plugin.
-    if let Some(installer) = cni_install::setup::installer(&args.node, &args.cni, &control_socket)?
+    if let Some(installer) =
+        cni_install::setup::installer(&args.node, &args.cni, &policy, &control_socket)?
     {
+        // Unmet until the installer's first pass (held here, before its task first runs).
+        readiness.block(
+            cni_install::watch::CONFIG_CONDITION,
+            "the CNI installer has not run yet",
+        );
         tasks.spawn(cni_install::watch::start(
             installer,
             Arc::clone(&readiness),
@@ -127,6 +187,18 @@ pub async fn run(args: RunArgs, control_socket: std::path::PathBuf) -> anyhow::R
     }
     agent.set_ready();
     info!(control = %control_socket.display(), zds = %args.node.zds_socket.display(), "agent ready");
+    if let Some((_, client)) = kube
+        && !args.startup_taint.is_empty()
+        && let Some(node) = args.node_name.clone()
+    {
+        tasks.spawn(remove_startup_taint(
+            client,
+            node,
+            args.startup_taint.clone(),
+            Arc::clone(&readiness),
+            stop_rx.clone(),
+        ));
+    }
 
     wait_for_stop(stop_rx.clone()).await;
     info!(
@@ -186,6 +258,23 @@ async fn forward_ebpf_logs(
             }
         }
     }
+}
+
+/// Removes the node's startup taint once nothing holds readiness back any more (the agent is
+/// ready when this starts; the CNI entry may still be missing).
+async fn remove_startup_taint(
+    client: kube::Client,
+    node: String,
+    taint: String,
+    readiness: Arc<Readiness>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let ready = async move { readiness.until_clear().await };
+    tokio::select! {
+        _ = crate::shutdown::stopped(&mut stop) => {}
+        _ = k8s::node_taint::remove_when_ready(client, node, taint, ready) => {}
+    }
+    Ok(())
 }
 
 /// Lets go of pods whose netns vanished (the safety net for a missed unenroll).

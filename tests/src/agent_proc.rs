@@ -138,13 +138,23 @@ pub struct AgentProc {
 impl AgentProc {
     /// Starts `sluice-agent run` in `netns`; see [`AgentProc::wait_ready`].
     pub fn spawn(netns: &Path, paths: AgentPaths, extra: &[&str]) -> Result<Self> {
+        Self::spawn_with_env(netns, paths, extra, Vec::new())
+    }
+
+    /// [`AgentProc::spawn`] with extra environment variables (e.g. `FAILPOINTS`).
+    pub fn spawn_with_env(
+        netns: &Path,
+        paths: AgentPaths,
+        extra: &[&str],
+        env: Vec<(String, String)>,
+    ) -> Result<Self> {
         let mut agent = AgentProc {
             child: None,
             bin: None,
             paths,
             netns: netns.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            env: Vec::new(),
+            env,
         };
         agent.start()?;
         Ok(agent)
@@ -430,6 +440,16 @@ impl Drop for AgentProc {
     }
 }
 
+/// How [`AgentFixture::spawn_with_launch`] starts its agent.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// Flags after `run` and the fixture's paths.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Run the CNI installer on CNI directories of the fixture's own.
+    pub cni: bool,
+}
+
 /// An agent with everything it runs against: a topology (the agent lives in its node netns), a
 /// cgroup of the test's own for every process that makes traffic, a unique pin directory and
 /// scratch directory. Dropping it runs `sluice-agent uninstall`, then the guards clean up.
@@ -470,7 +490,15 @@ impl AgentFixture {
     }
 
     fn spawn_with(testkit: &Path, pods: usize, extra: &[&str], cni: bool) -> Result<Self> {
-        Self::spawn_adjusted(testkit, pods, extra, cni, |_| {})
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let launch = |_: &crate::harness::Topology| {
+            Ok(Launch {
+                args: extra,
+                env: Vec::new(),
+                cni,
+            })
+        };
+        Self::spawn_adjusted(testkit, pods, launch, |_| {})
     }
 
     /// An agent with CNI directories (as [`AgentFixture::spawn_cni`]) whose paths `adjust`
@@ -481,14 +509,31 @@ impl AgentFixture {
         extra: &[&str],
         adjust: impl FnOnce(&mut AgentPaths),
     ) -> Result<Self> {
-        Self::spawn_adjusted(testkit, pods, extra, true, adjust)
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let launch = |_: &crate::harness::Topology| {
+            Ok(Launch {
+                args: extra,
+                env: Vec::new(),
+                cni: true,
+            })
+        };
+        Self::spawn_adjusted(testkit, pods, launch, adjust)
+    }
+
+    /// An agent whose flags depend on its topology (e.g. a proxy listening in its node
+    /// namespace): `launch` is called once the topology exists. Not waited for.
+    pub fn spawn_with_launch(
+        testkit: &Path,
+        pods: usize,
+        launch: impl FnOnce(&crate::harness::Topology) -> Result<Launch>,
+    ) -> Result<Self> {
+        Self::spawn_adjusted(testkit, pods, launch, |_| {})
     }
 
     fn spawn_adjusted(
         testkit: &Path,
         pods: usize,
-        extra: &[&str],
-        cni: bool,
+        launch: impl FnOnce(&crate::harness::Topology) -> Result<Launch>,
         adjust: impl FnOnce(&mut AgentPaths),
     ) -> Result<Self> {
         crate::harness::ensure_bpffs_mounted()?;
@@ -497,11 +542,13 @@ impl AgentFixture {
         let bpffs = Bpffs::new()?;
         let work = Workdir::new()?;
         let mut paths = AgentPaths::new(&work, &bpffs, &cgroup);
-        if cni {
+        let launch = launch(&topo)?;
+        if launch.cni {
             paths.cni = Some(CniDirs::new(&work)?);
         }
         adjust(&mut paths);
-        let agent = AgentProc::spawn(topo.node().path(), paths, extra)?;
+        let extra: Vec<&str> = launch.args.iter().map(String::as_str).collect();
+        let agent = AgentProc::spawn_with_env(topo.node().path(), paths, &extra, launch.env)?;
         Ok(AgentFixture {
             agent,
             topo,

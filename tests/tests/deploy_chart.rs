@@ -27,11 +27,6 @@ use sluice_tests::{
 const NAMESPACE: &str = "istio-system";
 const RELEASE: &str = "sluice";
 
-/// Environment variables the manifests set that the agent of this branch does not read yet:
-/// the startup taint's key, which the Kubernetes wiring (branch `reconcile`) reads. Remove it
-/// from here once `sluice-agent run --help` names it.
-const PENDING_ENV: &[&str] = &["SLUICE_STARTUP_TAINT"];
-
 fn chart() -> PathBuf {
     repo_root().join("deploy/helm/sluice")
 }
@@ -108,7 +103,7 @@ fn env_is_read_by_the_agent(doc: &Value, config: Option<&Value>, command: &str) 
         }
         for n in names {
             ensure!(
-                known.contains(&n) || PENDING_ENV.contains(&n.as_str()),
+                known.contains(&n),
                 "{}: {n} is not a variable `sluice-agent {command}` reads ({known:?})",
                 key(doc)
             );

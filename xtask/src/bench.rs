@@ -19,9 +19,17 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
         "sluice-bench",
         "--bins",
     ]))?;
+    // Figure 9 runs the agent against the tests' kube-apiserver (built once, cached).
+    let kube_bins = crate::kube_apiserver::ensure()?;
     let release = target_dir().join("release");
     let bench = release.join("sluice-bench");
-    exec_bench(&bench, &release.join("sluice-agent"), quick, out)
+    exec_bench(
+        &bench,
+        &release.join("sluice-agent"),
+        &kube_bins,
+        quick,
+        out,
+    )
 }
 
 /// Runs `sluice-bench run` and returns (or fails) with it: for `cargo xtask test`'s smoke check.
@@ -47,9 +55,10 @@ fn bench_command(bench: &Path, agent: &Path, quick: bool, out: &Path) -> Command
     c
 }
 
-fn exec_bench(bench: &Path, agent: &Path, quick: bool, out: &Path) -> Result<()> {
+fn exec_bench(bench: &Path, agent: &Path, kube_bins: &Path, quick: bool, out: &Path) -> Result<()> {
     anyhow::ensure!(bench.exists(), "{} was not built", bench.display());
     let mut c = bench_command(bench, agent, quick, out);
+    c.env("SLUICE_KUBE_BIN_DIR", kube_bins);
     eprintln!("$ {}", cmd::display(&c));
     // exec: the bench owns the terminal, and Ctrl-C, so its guards clean up.
     let err = c.exec();

@@ -13,23 +13,26 @@ use crate::{
     policy::EnrollPolicy,
 };
 
-pub fn policy(cni: &CniArgs) -> EnrollPolicy {
-    EnrollPolicy::standalone(
-        cni.ambient_namespaces.iter().cloned(),
-        cni.exclude_namespaces.iter().cloned(),
-    )
+/// The enrollment policy the flags describe: in Kubernetes mode (`system_namespace` given,
+/// Istio's `POD_NAMESPACE`) labels decide and `--ambient-namespaces` is not used.
+pub fn policy(cni: &CniArgs, system_namespace: Option<&str>) -> EnrollPolicy {
+    let excluded = cni.exclude_namespaces.iter().cloned();
+    match system_namespace {
+        Some(ns) => EnrollPolicy::kubernetes(ns, excluded),
+        None => EnrollPolicy::standalone(cni.ambient_namespaces.iter().cloned(), excluded),
+    }
 }
 
 /// The installer `node` and `cni` describe; `None` when no CNI config directory is set.
 pub fn installer(
     node: &NodeArgs,
     cni: &CniArgs,
+    policy: &EnrollPolicy,
     control_socket: &Path,
 ) -> anyhow::Result<Option<Installer>> {
     let Some(conf_dir) = &node.cni_conf_dir else {
         return Ok(None);
     };
-    let policy = policy(cni);
     let options = PluginOptions {
         // The plugin runs on the host, where the socket has the same path (a hostPath mount).
         agent_socket: std::path::absolute(control_socket)?,

@@ -14,7 +14,11 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::api::{Request, Response};
-use crate::{agent::Agent, zds::wire::replace_stale_socket};
+use crate::{
+    agent::{Agent, AgentError},
+    reconcile::Reconciler,
+    zds::wire::replace_stale_socket,
+};
 
 /// A request line longer than this is not one of ours.
 const MAX_LINE: usize = 64 * 1024;
@@ -22,6 +26,9 @@ const MAX_LINE: usize = 64 * 1024;
 pub struct Server {
     listener: UnixListener,
     path: PathBuf,
+    /// Kubernetes mode: CNI requests go to the reconciler, and hand-made enrollments are
+    /// refused.
+    kube: Option<Arc<Reconciler>>,
 }
 
 impl Server {
@@ -32,7 +39,14 @@ impl Server {
         Ok(Server {
             listener,
             path: path.to_path_buf(),
+            kube: None,
         })
+    }
+
+    /// Kubernetes mode: `reconciler` owns enrollment.
+    pub fn with_reconciler(mut self, reconciler: Arc<Reconciler>) -> Self {
+        self.kube = Some(reconciler);
+        self
     }
 
     /// Serves until `shutdown`; `stop` is how a `shutdown` request stops the agent.
@@ -47,7 +61,7 @@ impl Server {
                 _ = crate::shutdown::stopped(&mut shutdown) => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        tokio::spawn(serve(stream, Arc::clone(&agent), stop.clone()));
+                        tokio::spawn(serve(stream, Arc::clone(&agent), self.kube.clone(), stop.clone()));
                     }
                     Err(e) => warn!(error = %e, "accepting a control connection"),
                 }
@@ -57,7 +71,12 @@ impl Server {
     }
 }
 
-async fn serve(stream: UnixStream, agent: Arc<Agent>, stop: watch::Sender<bool>) {
+async fn serve(
+    stream: UnixStream,
+    agent: Arc<Agent>,
+    kube: Option<Arc<Reconciler>>,
+    stop: watch::Sender<bool>,
+) {
     let allowed = match stream.peer_cred() {
         Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
         Err(_) => false,
@@ -98,7 +117,7 @@ async fn serve(stream: UnixStream, agent: Arc<Agent>, stop: watch::Sender<bool>)
                 trace(pod, &agent, lines, &mut write).await;
                 return;
             }
-            Ok(req) => handle(req, &agent, &stop).await,
+            Ok(req) => handle(req, &agent, kube.as_deref(), &stop).await,
             Err(e) => {
                 agent.metrics.error("control_request");
                 Response::err(format!("malformed request: {e}"))
@@ -110,8 +129,16 @@ async fn serve(stream: UnixStream, agent: Arc<Agent>, stop: watch::Sender<bool>)
     }
 }
 
-async fn handle(req: Request, agent: &Arc<Agent>, stop: &watch::Sender<bool>) -> Response {
+async fn handle(
+    req: Request,
+    agent: &Arc<Agent>,
+    kube: Option<&Reconciler>,
+    stop: &watch::Sender<bool>,
+) -> Response {
     match req {
+        Request::Enroll(_) | Request::Unenroll { .. } if kube.is_some() => {
+            Response::err(AgentError::KubernetesMode.to_string())
+        }
         Request::Enroll(e) => match agent.enroll(e).await {
             Ok(r) => Response::ok(r),
             Err(e) => Response::err(e.to_string()),
@@ -121,9 +148,18 @@ async fn handle(req: Request, agent: &Arc<Agent>, stop: &watch::Sender<bool>) ->
             Err(e) => Response::err(e.to_string()),
         },
         Request::Status => {
-            let agent = Arc::clone(agent);
-            match tokio::task::spawn_blocking(move || crate::status::collect(&agent)).await {
-                Ok(status) => Response::ok(status),
+            let a = Arc::clone(agent);
+            match tokio::task::spawn_blocking(move || crate::status::collect(&a)).await {
+                Ok(status) => {
+                    let mut resp = Response::ok(status);
+                    // Kubernetes mode: what the reconciler concluded about each pod, and why.
+                    if let (Some(r), Some(serde_json::Value::Object(o))) = (kube, &mut resp.result)
+                        && let Ok(k) = serde_json::to_value(r.status())
+                    {
+                        o.insert("kubernetes".into(), k);
+                    }
+                    resp
+                }
                 Err(e) => Response::err(format!("collecting the status: {e}")),
             }
         }
@@ -133,12 +169,12 @@ async fn handle(req: Request, agent: &Arc<Agent>, stop: &watch::Sender<bool>) ->
         }
         Request::Ping => Response::ok("pong"),
         Request::Trace { .. } => Response::err("trace streams; it is handled by serve"),
-        Request::CniAdd(r) => result(crate::cni_ops::add(agent, r).await),
-        Request::CniCheck(r) => result(crate::cni_ops::check(agent, &r)),
-        Request::CniDel(r) => result(crate::cni_ops::del(agent, r).await),
+        Request::CniAdd(r) => result(crate::cni_ops::add(agent, kube, r).await),
+        Request::CniCheck(r) => result(crate::cni_ops::check(agent, kube, &r)),
+        Request::CniDel(r) => result(crate::cni_ops::del(agent, kube, r).await),
         Request::CniGc {
             valid_container_ids,
-        } => Response::ok(crate::cni_ops::gc(agent, valid_container_ids).await),
+        } => Response::ok(crate::cni_ops::gc(agent, kube, valid_container_ids).await),
         Request::CniStatus => Response::ok(crate::cni_ops::status(agent)),
     }
 }

@@ -166,6 +166,21 @@ impl std::fmt::Debug for Dataplane {
     }
 }
 
+/// A pod's `POD_*` flags for `opts`.
+fn pod_flags(opts: EnrollOptions) -> u32 {
+    let mut flags = 0;
+    if opts.dns_capture {
+        flags |= POD_DNS_CAPTURE;
+    }
+    if opts.bypass_inbound {
+        flags |= POD_BYPASS_INBOUND;
+    }
+    if !opts.ipv6 {
+        flags |= POD_NO_IPV6;
+    }
+    flags
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -425,17 +440,7 @@ impl Dataplane {
         if self.pods.get(&cookie)?.is_some() {
             return Err(Error::AlreadyEnrolled(path.to_path_buf()));
         }
-        let mut flags = 0;
-        if opts.dns_capture {
-            flags |= POD_DNS_CAPTURE;
-        }
-        if opts.bypass_inbound {
-            flags |= POD_BYPASS_INBOUND;
-        }
-        if !opts.ipv6 {
-            flags |= POD_NO_IPV6;
-        }
-        let mut cfg = PodConfig::new(flags, ips);
+        let mut cfg = PodConfig::new(pod_flags(opts), ips);
         match self.enroll_steps(netns, cookie, &mut cfg, ips) {
             Ok(()) => {
                 info!(netns = %path.display(), cookie, ?ips, ?opts, elapsed_us = started.elapsed().as_micros() as u64, "pod enrolled");
@@ -575,6 +580,31 @@ impl Dataplane {
             .ok_or_else(|| Error::NotEnrolled(netns.path().to_path_buf()))?;
         self.teardown(Some(netns), cookie, &cfg)?;
         info!(netns = %netns.path().display(), cookie, "pod unenrolled");
+        Ok(())
+    }
+
+    /// Changes an enrolled netns's options in place: they are flags in its `SL_PODS` entry and
+    /// its addresses' `SL_POD_ADDRS` entries, read by the programs on every decision, so the
+    /// next connection follows them and nothing is detached (no moment un-redirected).
+    pub fn update_options(&self, netns: &Netns, opts: EnrollOptions) -> Result<(), Error> {
+        let cookie = netns.cookie()?;
+        let _busy = self.mark_busy(cookie, netns.path())?;
+        let mut cfg = self
+            .pods
+            .get(&cookie)?
+            .ok_or_else(|| Error::NotEnrolled(netns.path().to_path_buf()))?;
+        cfg.flags = pod_flags(opts);
+        for ip in cfg.ips() {
+            let addr = Addr::from(ip);
+            if let Some(mut a) = self.pod_addrs.get(&addr)?
+                && a.netns == cookie
+            {
+                a.flags = cfg.flags;
+                self.pod_addrs.put(&addr, &a)?;
+            }
+        }
+        self.pods.put(&cookie, &cfg)?;
+        info!(netns = %netns.path().display(), cookie, ?opts, "pod options updated in place");
         Ok(())
     }
 

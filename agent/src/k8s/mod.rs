@@ -23,6 +23,23 @@ pub async fn connect() -> Result<kube::Client, kube::Error> {
     kube::Client::try_default().await
 }
 
+/// A client from a kubeconfig file.
+pub async fn connect_with(kubeconfig: &std::path::Path) -> anyhow::Result<kube::Client> {
+    use anyhow::Context as _;
+    let file = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading {}", kubeconfig.display()))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+            .await
+            .with_context(|| format!("using {}", kubeconfig.display()))?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Whether this process runs in a Kubernetes pod (the kubelet sets this for every container).
+pub fn in_cluster() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty())
+}
+
 /// The pod's IPs as Kubernetes reports them (`status.podIPs`, else `status.podIP`); empty
 /// until the runtime's CNI ADD has finished and the kubelet has reported them.
 pub fn pod_ips(pod: &Pod) -> Result<Vec<IpAddr>, BadPodIp> {

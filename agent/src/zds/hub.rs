@@ -78,6 +78,8 @@ struct State {
     /// In registration order: the last one is the newest ztunnel.
     conns: Vec<Conn>,
     next_id: u64,
+    /// Told the uid of every workload the newest ztunnel acknowledges (see [`Hub::acks`]).
+    ack_listeners: Vec<mpsc::UnboundedSender<String>>,
 }
 
 /// Backoff for re-sending an Add that ztunnel NACKed.
@@ -216,7 +218,9 @@ impl Hub {
     /// Records ztunnel's answer to an Add sent on connection `id`, and schedules a retry after
     /// a NACK from the newest connection.
     pub(crate) fn on_add_result(self: &Arc<Self>, id: u64, uid: &str, result: &AckResult) {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        // A plain `&mut`, so that an entry and the listeners can be borrowed at once.
+        let st = &mut *guard;
         let newest = st.conns.last().map(|c| c.id) == Some(id);
         let Some(entry) = st.workloads.get_mut(uid) else {
             return;
@@ -228,6 +232,7 @@ impl Hub {
             AckResult::Acked => {
                 entry.state = AckState::Acked;
                 entry.nacks = 0;
+                st.ack_listeners.retain(|l| l.send(uid.to_string()).is_ok());
             }
             AckResult::Nacked(err) => {
                 entry.state = AckState::Nacked(err.clone());
@@ -263,6 +268,19 @@ impl Hub {
         let workload = entry.workload.clone();
         let (done, _) = oneshot::channel();
         send_add(&mut st, workload, done);
+    }
+
+    /// ztunnel's view of one workload (`None`: not one ztunnel must serve).
+    pub fn state(&self, uid: &str) -> Option<AckState> {
+        self.lock().workloads.get(uid).map(|e| e.state.clone())
+    }
+
+    /// The uids ztunnel acknowledges from now on, as it does (an Add's ACK from the newest
+    /// connection): how the reconciler learns that a pod's annotation may say `enabled`.
+    pub fn acks(&self) -> mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.lock().ack_listeners.push(tx);
+        rx
     }
 
     /// ztunnel's view of each workload.

@@ -4,6 +4,7 @@
 mod enroll;
 mod enroller;
 mod exec;
+mod kube_label;
 mod procs;
 mod procstat;
 mod results;
@@ -50,6 +51,8 @@ pub struct Plan {
     pub scale_pods: usize,
     /// Figure 8: connections per cost measurement.
     pub cost_connects: u64,
+    /// Figure 9: running pods in the namespace that is labelled.
+    pub label_pods: usize,
 }
 
 impl Plan {
@@ -68,6 +71,7 @@ impl Plan {
                 enroll_batch: 10,
                 scale_pods: 30,
                 cost_connects: 1_000,
+                label_pods: 10,
             }
         } else {
             Plan {
@@ -83,6 +87,7 @@ impl Plan {
                 enroll_batch: 100,
                 scale_pods: 1_000,
                 cost_connects: 10_000,
+                label_pods: 100,
             }
         }
     }
@@ -141,6 +146,7 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
     let mut figures = traffic::run(&env, &plan)?;
     figures.push(enroll::run(&env, &plan)?);
     figures.push(scale::run(&env, &plan)?);
+    figures.push(kube_label::run(&env, &plan)?);
     figures.sort_by_key(|f| f.id);
     drop(env);
     let mut results = Results {

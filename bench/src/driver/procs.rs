@@ -104,15 +104,23 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(node: &Path, cgroup: &Cgroup, accelerate: bool) -> Result<Agent> {
+        let extra: &[&str] = if accelerate {
+            &["--accelerate", "true"]
+        } else {
+            &[]
+        };
+        Self::start_with(node, cgroup, extra)
+    }
+
+    /// With more flags for `sluice-agent run` (e.g. Kubernetes mode's).
+    pub fn start_with(node: &Path, cgroup: &Cgroup, flags: &[&str]) -> Result<Agent> {
         let work = Workdir::new()?;
         let bpffs = Bpffs::new()?;
         let paths = AgentPaths::new(&work, &bpffs, cgroup);
         // Default settings; the log level is the agent's default too (the test harness asks
         // for debug through the environment, which a flag overrides).
         let mut extra = vec!["--log-level", "info"];
-        if accelerate {
-            extra.extend(["--accelerate", "true"]);
-        }
+        extra.extend_from_slice(flags);
         let proc = AgentProc::spawn(node, paths, &extra)?;
         let mut agent = Agent {
             proc,

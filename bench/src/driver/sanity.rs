@@ -57,7 +57,7 @@ pub fn check(results: &Results) -> Vec<String> {
             }
         }
     }
-    for id in 1..=8 {
+    for id in 1..=9 {
         if !results.figures.iter().any(|f| f.id == id) {
             problems.push(format!("figure {id} is missing"));
         }

@@ -77,8 +77,19 @@ impl KubeletCgroup {
         let mount = layout
             .mount()
             .with_context(|| format!("no cgroup hierarchy for {layout:?} on this machine"))?;
+        Self::new_under(layout, &mount, uid, container)
+    }
+
+    /// The same below `parent`, a directory of `layout`'s hierarchy: e.g. below a test's own
+    /// cgroup v2, so that cgroup programs attached there see the pod's processes too.
+    pub fn new_under(
+        layout: CgroupLayout,
+        parent: &Path,
+        uid: &str,
+        container: &str,
+    ) -> Result<KubeletCgroup> {
         let mut made = KubeletCgroup { dirs: Vec::new() };
-        let mut path = mount;
+        let mut path = parent.to_path_buf();
         for part in layout.relative(&unique("sl"), uid, container) {
             path.push(part);
             fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;

@@ -15,8 +15,10 @@
 mod bins;
 mod certs;
 mod launcher;
+mod netns_proxy;
 pub mod objects;
 mod server;
 
 pub use bins::KubeBins;
+pub use netns_proxy::NetnsProxy;
 pub use server::{KubeServer, User};

@@ -94,6 +94,8 @@ pub struct PodShape<'a> {
     pub labels: &'a [(&'a str, &'a str)],
     pub annotations: &'a [(&'a str, &'a str)],
     pub host_network: bool,
+    /// Container names (default: one, `app`).
+    pub containers: &'a [&'a str],
 }
 
 /// Creates a pod bound to `node` (as the scheduler would), then gives it the status a kubelet
@@ -106,6 +108,18 @@ pub async fn create_running_pod(
     shape: &PodShape<'_>,
     ips: &[IpAddr],
 ) -> Result<Pod> {
+    create_pod(client, namespace, name, node, shape).await?;
+    set_pod_status(client, namespace, name, "Running", ips).await
+}
+
+/// Creates a pod bound to `node`, with no status yet (Pending, as before its sandbox exists).
+pub async fn create_pod(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    node: &str,
+    shape: &PodShape<'_>,
+) -> Result<Pod> {
     let pod = Pod {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -117,11 +131,18 @@ pub async fn create_running_pod(
         spec: Some(PodSpec {
             node_name: Some(node.into()),
             host_network: shape.host_network.then_some(true),
-            containers: vec![Container {
-                name: "app".into(),
+            containers: if shape.containers.is_empty() {
+                &["app"][..]
+            } else {
+                shape.containers
+            }
+            .iter()
+            .map(|name| Container {
+                name: name.to_string(),
                 image: Some("registry.invalid/app".into()),
                 ..Default::default()
-            }],
+            })
+            .collect(),
             ..Default::default()
         }),
         ..Default::default()
@@ -129,8 +150,7 @@ pub async fn create_running_pod(
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     api.create(&PostParams::default(), &pod)
         .await
-        .with_context(|| format!("creating pod {namespace}/{name}"))?;
-    set_pod_status(client, namespace, name, "Running", ips).await
+        .with_context(|| format!("creating pod {namespace}/{name}"))
 }
 
 /// Patches a pod's status as a kubelet would.

@@ -165,14 +165,37 @@ impl KubeServer {
 
     /// A kubeconfig file for `user` on API server `apiserver` (for a process under test).
     pub fn kubeconfig(&self, user: User, apiserver: usize) -> Result<PathBuf> {
-        let port = self
-            .apiservers
-            .get(apiserver)
-            .context("no such API server")?
-            .1;
+        let port = self.port(apiserver)?;
         let path = self
             .dir
             .join(format!("{}-{apiserver}.kubeconfig", user.name()));
+        self.write_kubeconfig(user, port, path)
+    }
+
+    /// API server `apiserver`'s address on loopback.
+    pub fn addr(&self, apiserver: usize) -> Result<std::net::SocketAddr> {
+        Ok((Ipv4Addr::LOCALHOST, self.port(apiserver)?).into())
+    }
+
+    /// A kubeconfig for `user` that reaches the server through `127.0.0.1:<port>` (a
+    /// [`super::NetnsProxy`] in another namespace; the server's certificate is for
+    /// 127.0.0.1 whatever the port).
+    pub fn kubeconfig_via(&self, user: User, port: u16) -> Result<PathBuf> {
+        let path = self
+            .dir
+            .join(format!("{}-via-{port}.kubeconfig", user.name()));
+        self.write_kubeconfig(user, port, path)
+    }
+
+    fn port(&self, apiserver: usize) -> Result<u16> {
+        Ok(self
+            .apiservers
+            .get(apiserver)
+            .context("no such API server")?
+            .1)
+    }
+
+    fn write_kubeconfig(&self, user: User, port: u16, path: PathBuf) -> Result<PathBuf> {
         let config = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Config",
