@@ -3,6 +3,7 @@ mod bench;
 mod bootstrap;
 mod cmd;
 mod demo;
+mod fuzz;
 mod kube_apiserver;
 mod test;
 mod vm;
@@ -44,6 +45,14 @@ enum Command {
         /// Where results.md, results.json and the SVG plots go (default: bench/).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Bootstrap, then run the parsers' fuzz targets (cargo-fuzz, nightly) for a while each.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// Targets to run (default: all of them).
+        targets: Vec<String>,
     },
     /// Build kube-apiserver v1.20.2 and fetch etcd for the tests, unless already cached
     /// (under `$XDG_CACHE_HOME/sluice`, default `~/.cache/sluice`); prints their directory.
@@ -122,6 +131,15 @@ fn run(command: Command) -> Result<()> {
             quick,
             &out.unwrap_or_else(|| workspace_root().join("bench")),
         ),
+        Command::Fuzz { seconds, targets } => {
+            bootstrap::run()?;
+            let targets = if targets.is_empty() {
+                fuzz::TARGETS.iter().map(|t| t.to_string()).collect()
+            } else {
+                targets
+            };
+            fuzz::run(&targets, seconds)
+        }
         Command::KubeApiserver => {
             let dir = kube_apiserver::ensure()?;
             println!("{}", dir.display());
