@@ -92,17 +92,35 @@ pub fn decode_record(bytes: &[u8]) -> Result<PodRecord, String> {
     if file.version != FORMAT_VERSION {
         return Err(format!("unknown format version {}", file.version));
     }
-    Ok(file.pod)
+    checked(file.pod)
 }
 
-/// Encodes one pod file.
-pub fn encode_record(pod: &PodRecord) -> Vec<u8> {
+/// Decodes the legacy single-file table (format 1). Pure, so it can be fuzzed.
+pub fn decode_legacy(bytes: &[u8]) -> Result<Vec<PodRecord>, String> {
+    let legacy: LegacyFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if legacy.version != 1 {
+        return Err(format!("unknown format version {}", legacy.version));
+    }
+    legacy.pods.into_iter().map(checked).collect()
+}
+
+/// A record whose uid can name its file.
+fn checked(pod: PodRecord) -> Result<PodRecord, String> {
+    if valid_uid(&pod.uid) {
+        Ok(pod)
+    } else {
+        Err(format!("invalid pod uid {:?}", pod.uid))
+    }
+}
+
+/// Encodes one pod file. Fails only for a netns path that is not UTF-8 (JSON cannot hold it);
+/// writing an empty file instead would leave a record the next start refuses.
+pub fn encode_record(pod: &PodRecord) -> Result<Vec<u8>, String> {
     let file = RecordFile {
         version: FORMAT_VERSION,
         pod: pod.clone(),
     };
-    // Plain data with string keys: serialising cannot fail.
-    serde_json::to_vec_pretty(&file).unwrap_or_default()
+    serde_json::to_vec_pretty(&file).map_err(|e| format!("encoding pod {:?}: {e}", pod.uid))
 }
 
 /// Whether `uid` can name a pod file (and so be enrolled): Kubernetes UIDs, container ids.
@@ -220,7 +238,9 @@ impl StateStore {
         {
             return Err(io_err(io::Error::other("failpoint state-put")));
         }
-        write_atomically(&tmp, &path, &encode_record(pod)).map_err(io_err)
+        let body = encode_record(pod)
+            .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        write_atomically(&tmp, &path, &body).map_err(io_err)
     }
 
     /// Forgets `uid`'s record; forgetting one that is not there is fine.
@@ -255,23 +275,13 @@ impl StateStore {
             path: path.clone(),
             reason,
         };
-        let legacy: LegacyFile =
-            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if legacy.version != 1 {
-            return Err(corrupt(format!(
-                "unknown format version {}",
-                legacy.version
-            )));
-        }
-        for pod in &legacy.pods {
-            if !valid_uid(&pod.uid) {
-                return Err(corrupt(format!("invalid pod uid {:?}", pod.uid)));
-            }
+        let pods = decode_legacy(&bytes).map_err(corrupt)?;
+        for pod in &pods {
             self.put(pod)?;
         }
         std::fs::remove_file(&path).map_err(|source| StateError::Io { path, source })?;
         tracing::info!(
-            pods = legacy.pods.len(),
+            pods = pods.len(),
             "migrated the pod table to one file per pod"
         );
         Ok(())
@@ -294,11 +304,7 @@ fn read_record(path: &Path) -> Result<PodRecord, StateError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let record = decode_record(&bytes).map_err(corrupt)?;
-    if !valid_uid(&record.uid) {
-        return Err(corrupt(format!("invalid pod uid {:?}", record.uid)));
-    }
-    Ok(record)
+    decode_record(&bytes).map_err(corrupt)
 }
 
 fn write_atomically(tmp: &Path, path: &Path, body: &[u8]) -> io::Result<()> {
@@ -380,7 +386,7 @@ mod tests {
             assert!(msg.contains("sluice-agent uninstall --force"), "{msg}");
         }
         // A record under another pod's name is corrupt too.
-        std::fs::write(store.record_path("b"), encode_record(&record("a"))).unwrap();
+        std::fs::write(store.record_path("b"), encode_record(&record("a")).unwrap()).unwrap();
         std::fs::write(&path, &full).unwrap();
         assert!(matches!(store.load(), Err(StateError::Corrupt { .. })));
         store.remove_all().unwrap();
@@ -407,6 +413,96 @@ mod tests {
         assert!(!dir.join(LEGACY_FILE).exists());
         assert_eq!(store.load().unwrap().len(), 2);
         store.remove_all().unwrap();
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_encoded_is_an_error_not_an_empty_file() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let dir = tempdir();
+        let store = StateStore::open(&dir).unwrap();
+        let mut bad = record("a");
+        bad.netns = std::ffi::OsStr::from_bytes(b"/proc/1/ns/\xff").into();
+        let err = store.put(&bad).unwrap_err();
+        assert!(err.to_string().contains("UTF-8"), "{err}");
+        assert!(!store.record_path("a").exists());
+        assert!(store.load().unwrap().is_empty());
+        store.remove_all().unwrap();
+    }
+
+    #[test]
+    fn legacy_tables_with_a_bad_uid_or_version_are_refused() {
+        let table = |version, uid: &str| {
+            serde_json::json!({"version": version, "pods": [record(uid)]}).to_string()
+        };
+        assert_eq!(
+            decode_legacy(table(1, "a").as_bytes()),
+            Ok(vec![record("a")])
+        );
+        let err = decode_legacy(table(1, "../a").as_bytes()).unwrap_err();
+        assert!(err.contains("invalid pod uid"), "{err}");
+        let err = decode_legacy(table(2, "a").as_bytes()).unwrap_err();
+        assert!(err.contains("version 2"), "{err}");
+    }
+
+    fn arb_record() -> impl proptest::strategy::Strategy<Value = PodRecord> {
+        use proptest::prelude::*;
+        let phase = prop_oneof![
+            Just(Phase::Enrolling),
+            Just(Phase::Enrolled),
+            Just(Phase::Unenrolling)
+        ];
+        (
+            (
+                "[a-z0-9][a-z0-9_.-]{0,40}",
+                "\\PC{0,12}",
+                "\\PC{0,12}",
+                "\\PC{0,12}",
+            ),
+            ("/\\PC{0,20}", any::<u64>(), any::<u64>()),
+            prop::collection::vec(any::<IpAddr>(), 0..4),
+            (any::<bool>(), any::<bool>(), any::<bool>(), phase),
+            prop::option::of("[a-f0-9]{1,64}"),
+        )
+            .prop_map(
+                |(
+                    (uid, name, namespace, service_account),
+                    (netns, netns_inode, netns_cookie),
+                    ips,
+                    (dns_capture, bypass_inbound, ipv6, phase),
+                    container_id,
+                )| PodRecord {
+                    uid,
+                    name,
+                    namespace,
+                    service_account,
+                    netns: netns.into(),
+                    netns_inode,
+                    netns_cookie,
+                    ips,
+                    dns_capture,
+                    bypass_inbound,
+                    ipv6,
+                    phase,
+                    container_id,
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// What `put` writes, `load` reads back: every field, whatever its value.
+        #[test]
+        fn records_round_trip(pod in arb_record()) {
+            let bytes = encode_record(&pod).unwrap();
+            proptest::prop_assert_eq!(decode_record(&bytes).unwrap(), pod);
+        }
+
+        /// A cut-off record is an error, never a different record.
+        #[test]
+        fn truncated_records_are_errors(pod in arb_record(), cut in 0.0..1.0f64) {
+            let bytes = encode_record(&pod).unwrap();
+            let n = (bytes.len() as f64 * cut) as usize;
+            proptest::prop_assert!(decode_record(&bytes[..n]).is_err());
+        }
     }
 
     #[test]

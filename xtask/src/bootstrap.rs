@@ -41,6 +41,7 @@ pub fn run() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     Ok(())
 }
 
@@ -176,4 +177,18 @@ fn bpf_linker() -> Result<()> {
                 "llvm-22",
             ]),
     )
+}
+
+/// cargo-fuzz runs the parsers' fuzz targets (`fuzz/`) with libFuzzer on nightly.
+fn cargo_fuzz() -> Result<()> {
+    let present = cmd::probe(cmd::cargo().args(["fuzz", "--version"])).is_some();
+    eprintln!(
+        "checking cargo-fuzz… {}",
+        if present { "present" } else { "missing" }
+    );
+    if present {
+        return Ok(());
+    }
+    eprintln!("installing cargo-fuzz…");
+    cmd::run(cmd::cargo().args(["install", "cargo-fuzz", "--locked", "--version", "^0.13"]))
 }

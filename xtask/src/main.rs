@@ -3,6 +3,7 @@ mod bench;
 mod bootstrap;
 mod cmd;
 mod demo;
+mod fuzz;
 mod helm;
 mod image;
 mod kube_apiserver;
@@ -50,6 +51,14 @@ enum Command {
     /// Release build, then the agent's container image (an OCI archive for `ctr images
     /// import`, `podman load`, `skopeo`) in target/sluice-image/; prints its path and name.
     Image,
+    /// Bootstrap, then run the parsers' fuzz targets (cargo-fuzz, nightly) for a while each.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// Targets to run (default: all of them).
+        targets: Vec<String>,
+    },
     /// Build kube-apiserver v1.20.2 and fetch etcd for the tests, unless already cached
     /// (under `$XDG_CACHE_HOME/sluice`, default `~/.cache/sluice`); prints their directory.
     KubeApiserver,
@@ -132,6 +141,15 @@ fn run(command: Command) -> Result<()> {
             let image = image::build()?;
             println!("{}\t{}", image.archive.display(), image.reference);
             Ok(())
+        }
+        Command::Fuzz { seconds, targets } => {
+            bootstrap::run()?;
+            let targets = if targets.is_empty() {
+                fuzz::TARGETS.iter().map(|t| t.to_string()).collect()
+            } else {
+                targets
+            };
+            fuzz::run(&targets, seconds)
         }
         Command::KubeApiserver => {
             let dir = kube_apiserver::ensure()?;

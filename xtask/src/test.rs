@@ -52,6 +52,14 @@ fn steps(extra: &[String]) -> Result<()> {
     }
 
     cmd::run(cmd::cargo().args(["fmt", "--all", "--check"]))?;
+    // The fuzz crate is a workspace of its own (it builds on nightly, with sanitizers).
+    cmd::run(cmd::cargo().args([
+        "fmt",
+        "--all",
+        "--check",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+    ]))?;
     // No `--workspace` here or below: the default members are every crate except the eBPF
     // one, which only builds for the bpf target (the agent's build.rs builds and embeds it).
     cmd::run(
@@ -97,6 +105,8 @@ fn steps(extra: &[String]) -> Result<()> {
         test.arg("--").args(extra);
     }
     cmd::run(&mut test)?;
+    // The parsers' fuzz targets, a bounded run each: a crash fails the gate.
+    crate::fuzz::gate()?;
     if root {
         bench_smoke()?;
     }

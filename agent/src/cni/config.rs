@@ -244,7 +244,12 @@ fn attachments(v: &Value) -> Result<Vec<Attachment>, CniError> {
 fn bad_field(field: &str, expected: &str, got: &Value) -> CniError {
     let mut shown = got.to_string();
     if shown.len() > 80 {
-        shown.truncate(77);
+        // Cut on a character boundary: the value may be any UTF-8 (found by fuzzing).
+        let mut end = 77;
+        while !shown.is_char_boundary(end) {
+            end -= 1;
+        }
+        shown.truncate(end);
         shown.push_str("...");
     }
     CniError::new(
@@ -348,6 +353,17 @@ mod tests {
             assert_eq!(err.code, code_, "{err}");
             assert!(err.msg.contains(needle), "{needle}: {err}");
         }
+    }
+
+    #[test]
+    fn a_long_bad_value_is_cut_on_a_character_boundary() {
+        // 'a' then two-byte characters: byte 77 of the quoted value falls inside one.
+        let value = format!("a{}", "é".repeat(50));
+        let stdin = serde_json::json!({"cniVersion": "1.0.0", "timeout_ms": value}).to_string();
+        let err = NetConf::parse(stdin.as_bytes()).unwrap_err();
+        assert_eq!(err.code, code::INVALID_CONFIG);
+        assert!(err.msg.contains("timeout_ms"), "{err}");
+        assert!(err.msg.ends_with("..."), "{err}");
     }
 
     #[test]

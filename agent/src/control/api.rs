@@ -147,10 +147,11 @@ pub struct Response {
 impl Response {
     pub fn ok(result: impl Serialize) -> Self {
         match serde_json::to_value(result) {
+            // A `null` result is sent as none, which is how it reads back.
             Ok(v) => Response {
                 ok: true,
                 error: None,
-                result: Some(v),
+                result: (!v.is_null()).then_some(v),
             },
             Err(e) => Response::err(format!("encoding the result: {e}")),
         }
@@ -163,6 +164,24 @@ impl Response {
             result: None,
         }
     }
+}
+
+/// Reads one request line. Pure, so it can be fuzzed: whatever it rejects is an `Err` whose
+/// text goes back to the client.
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))
+}
+
+/// Reads one response line (the client's side).
+pub fn decode_response(line: &[u8]) -> Result<Response, serde_json::Error> {
+    serde_json::from_slice(line)
+}
+
+/// One message as a line on the socket, either way.
+pub fn encode_line(msg: &impl Serialize) -> Result<Vec<u8>, serde_json::Error> {
+    let mut line = serde_json::to_vec(msg)?;
+    line.push(b'\n');
+    Ok(line)
 }
 
 #[cfg(test)]
@@ -216,5 +235,184 @@ mod tests {
             serde_json::to_string(&skipped).unwrap(),
             r#"{"outcome":"skipped","reason":"r"}"#
         );
+    }
+}
+
+#[cfg(test)]
+mod round_trips {
+    //! Every message encodes to a line that decodes to the same message.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        "\\PC{0,12}"
+    }
+
+    fn enroll() -> impl Strategy<Value = EnrollRequest> {
+        (
+            (text(), text(), text(), text(), text()),
+            prop::collection::vec(any::<IpAddr>(), 0..4),
+            (
+                any::<Option<bool>>(),
+                any::<bool>(),
+                any::<Option<u64>>(),
+                prop::option::of(text()),
+            ),
+        )
+            .prop_map(
+                |(
+                    (uid, name, namespace, service_account, netns),
+                    ips,
+                    (dns_capture, bypass_inbound, wait_ms, container_id),
+                )| EnrollRequest {
+                    uid,
+                    name,
+                    namespace,
+                    service_account,
+                    netns: netns.into(),
+                    ips,
+                    dns_capture,
+                    bypass_inbound,
+                    wait_ms,
+                    container_id,
+                },
+            )
+    }
+
+    fn pod() -> impl Strategy<Value = CniPod> {
+        (text(), text(), prop::option::of(text())).prop_map(|(namespace, name, uid)| CniPod {
+            namespace,
+            name,
+            uid,
+        })
+    }
+
+    fn cni_add() -> impl Strategy<Value = CniAddRequest> {
+        (
+            (text(), text(), text(), pod()),
+            prop::collection::vec(any::<IpAddr>(), 0..4),
+            prop::option::of(prop::collection::vec(text(), 0..3)),
+            prop::collection::vec(text(), 0..3),
+            any::<Option<u64>>(),
+        )
+            .prop_map(
+                |(
+                    (container_id, netns, ifname, pod),
+                    ips,
+                    ambient_namespaces,
+                    exclude_namespaces,
+                    timeout_ms,
+                )| CniAddRequest {
+                    container_id,
+                    netns: netns.into(),
+                    ifname,
+                    pod,
+                    ips,
+                    ambient_namespaces,
+                    exclude_namespaces,
+                    timeout_ms,
+                },
+            )
+    }
+
+    fn request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            enroll().prop_map(Request::Enroll),
+            text().prop_map(|uid| Request::Unenroll { uid }),
+            Just(Request::Status),
+            Just(Request::Shutdown),
+            Just(Request::Ping),
+            prop::option::of(text()).prop_map(|pod| Request::Trace { pod }),
+            cni_add().prop_map(Request::CniAdd),
+            cni_add().prop_map(Request::CniCheck),
+            (text(), prop::option::of(pod())).prop_map(|(container_id, pod)| Request::CniDel(
+                CniDelRequest { container_id, pod }
+            )),
+            prop::collection::vec(text(), 0..4).prop_map(|valid_container_ids| Request::CniGc {
+                valid_container_ids
+            }),
+            Just(Request::CniStatus),
+        ]
+    }
+
+    fn enroll_reply() -> impl Strategy<Value = EnrollReply> {
+        let ack = prop_oneof![
+            Just(AckState::Pending),
+            Just(AckState::Acked),
+            text().prop_map(AckState::Nacked),
+        ];
+        (
+            text(),
+            any::<u64>(),
+            ack,
+            any::<bool>(),
+            any::<Option<u64>>(),
+        )
+            .prop_map(
+                |(uid, netns_cookie, ztunnel, already_enrolled, enroll_us)| EnrollReply {
+                    uid,
+                    netns_cookie,
+                    ztunnel,
+                    already_enrolled,
+                    enroll_us,
+                },
+            )
+    }
+
+    /// A result as the agent sends one: any of the replies, or none.
+    fn response() -> impl Strategy<Value = Response> {
+        prop_oneof![
+            text().prop_map(Response::err),
+            Just(Response::ok(())),
+            Just(Response::ok("pong")),
+            enroll_reply().prop_map(Response::ok),
+            enroll_reply().prop_map(|r| Response::ok(CniAddReply::Enrolled(r))),
+            text().prop_map(|reason| Response::ok(CniAddReply::Skipped { reason })),
+            prop::option::of(text())
+                .prop_map(|unenrolled| Response::ok(CniDelReply { unenrolled })),
+            prop::collection::vec(text(), 0..3)
+                .prop_map(|unenrolled| Response::ok(CniGcReply { unenrolled })),
+            any::<bool>().prop_map(|ready| Response::ok(CniStatusReply { ready })),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(req in request()) {
+            let line = encode_line(&req).unwrap();
+            prop_assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+            prop_assert_eq!(decode_request(&line).unwrap(), req);
+        }
+
+        #[test]
+        fn responses_round_trip(resp in response()) {
+            let line = encode_line(&resp).unwrap();
+            prop_assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+            prop_assert_eq!(decode_response(&line).unwrap(), resp);
+        }
+
+        #[test]
+        fn enroll_replies_round_trip(reply in enroll_reply()) {
+            let resp = decode_response(&encode_line(&Response::ok(&reply)).unwrap()).unwrap();
+            let back: EnrollReply = serde_json::from_value(resp.result.unwrap()).unwrap();
+            prop_assert_eq!(back, reply);
+        }
+    }
+
+    /// A number too large for u64 is read as a float, which must read back as itself (found
+    /// by fuzzing).
+    #[test]
+    fn large_numbers_read_back_the_same() {
+        let line = br#"{"ok":true,"result":{"enroll_us":1111111111111111111812}}"#;
+        let resp = decode_response(line).unwrap();
+        assert_eq!(decode_response(&encode_line(&resp).unwrap()).unwrap(), resp);
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_a_malformed_request() {
+        let err = decode_request(b"{\"op\":\"unenroll\",\"uid\":\"\xff\"}\n").unwrap_err();
+        assert!(err.starts_with("malformed request:"), "{err}");
+        assert!(err.contains("invalid unicode"), "{err}");
     }
 }

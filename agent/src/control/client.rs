@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use super::api::{Request, Response};
+use super::api::{Request, decode_response, encode_line};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -34,15 +34,13 @@ pub fn call(
     })?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    (&stream).write_all(&line)?;
+    (&stream).write_all(&encode_line(req)?)?;
     let mut reader = BufReader::new(&stream);
     let mut answer = String::new();
     if reader.read_line(&mut answer)? == 0 {
         return Err(ClientError::NoAnswer);
     }
-    let resp: Response = serde_json::from_str(&answer)?;
+    let resp = decode_response(answer.as_bytes())?;
     if resp.ok {
         Ok(resp.result.unwrap_or(serde_json::Value::Null))
     } else {
@@ -63,15 +61,13 @@ pub fn stream(
         path: path.display().to_string(),
         source,
     })?;
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    (&stream).write_all(&line)?;
+    (&stream).write_all(&encode_line(req)?)?;
     let mut reader = BufReader::new(&stream);
     let mut answer = String::new();
     if reader.read_line(&mut answer)? == 0 {
         return Err(ClientError::NoAnswer);
     }
-    let resp: Response = serde_json::from_str(&answer)?;
+    let resp = decode_response(answer.as_bytes())?;
     if !resp.ok {
         return Err(ClientError::Refused(
             resp.error.unwrap_or_else(|| "unknown error".into()),

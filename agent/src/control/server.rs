@@ -13,7 +13,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::api::{Request, Response};
+use super::api::{Request, Response, decode_request, encode_line};
 use crate::{
     agent::{Agent, AgentError},
     reconcile::Reconciler,
@@ -92,12 +92,13 @@ async fn serve(
         return;
     }
     let mut lines = BufReader::new(read);
-    let mut line = String::new();
+    // Bytes, not a String: a line that is not UTF-8 gets an answer saying so, not a hang-up.
+    let mut line = Vec::new();
     loop {
         line.clear();
         match (&mut lines)
             .take(MAX_LINE as u64 + 1)
-            .read_line(&mut line)
+            .read_until(b'\n', &mut line)
             .await
         {
             Ok(0) => return,
@@ -111,16 +112,16 @@ async fn serve(
                 return;
             }
         }
-        let resp = match serde_json::from_str::<Request>(&line) {
+        let resp = match decode_request(&line) {
             Ok(Request::Trace { pod }) => {
                 // The connection becomes a stream; it ends when the client hangs up.
                 trace(pod, &agent, lines, &mut write).await;
                 return;
             }
             Ok(req) => handle(req, &agent, kube.as_deref(), &stop).await,
-            Err(e) => {
+            Err(msg) => {
                 agent.metrics.error("control_request");
-                Response::err(format!("malformed request: {e}"))
+                Response::err(msg)
             }
         };
         if reply(&mut write, &resp).await.is_err() {
@@ -246,7 +247,6 @@ async fn reply(
     write: &mut tokio::net::unix::OwnedWriteHalf,
     resp: &Response,
 ) -> std::io::Result<()> {
-    let mut bytes = serde_json::to_vec(resp).map_err(std::io::Error::other)?;
-    bytes.push(b'\n');
+    let bytes = encode_line(resp).map_err(std::io::Error::other)?;
     write.write_all(&bytes).await
 }

@@ -14,7 +14,7 @@ use super::{
         AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, Version, WorkloadRequest,
         WorkloadResponse, ZdsHello, workload_request::Payload, workload_response,
     },
-    wire::SeqPacket,
+    wire::{Received, SeqPacket},
 };
 use crate::metrics::Metrics;
 
@@ -135,19 +135,44 @@ async fn read_hello(sock: &SeqPacket, buf: &mut [u8], timeout: Duration) -> Resu
         .await
         .map_err(|_| ConnError::Timeout(timeout))??;
     let r = received.ok_or(ConnError::Closed)?;
-    if r.truncated || !r.fds.is_empty() {
-        return Err(ConnError::Protocol("malformed hello".into()));
-    }
-    let hello =
-        ZdsHello::decode(&buf[..r.len]).map_err(|e| ConnError::Protocol(format!("hello: {e}")))?;
-    if hello.version != Version::V1 as i32 {
+    let version = message(&r, buf)
+        .and_then(decode_hello)
+        .map_err(|e| ConnError::Protocol(format!("hello: {e}")))?;
+    if version != Version::V1 as i32 {
         // Newer ztunnels still speak V1 messages; note it and carry on.
-        warn!(
-            version = hello.version,
-            "ztunnel says an unknown ZDS version"
-        );
+        warn!(version, "ztunnel says an unknown ZDS version");
     }
     Ok(())
+}
+
+/// The bytes of a packet from ztunnel, which never sends one that does not fit our buffer or
+/// that carries file descriptors.
+pub fn message<'a>(r: &Received, buf: &'a [u8]) -> Result<&'a [u8], String> {
+    if r.truncated {
+        return Err("oversized message".into());
+    }
+    if !r.fds.is_empty() {
+        return Err("message carried file descriptors".into());
+    }
+    buf.get(..r.len)
+        .ok_or_else(|| format!("message of {} bytes in a {}-byte buffer", r.len, buf.len()))
+}
+
+/// ztunnel's hello: the ZDS version it speaks. Pure, so it can be fuzzed.
+pub fn decode_hello(msg: &[u8]) -> Result<i32, String> {
+    ZdsHello::decode(msg)
+        .map(|h| h.version)
+        .map_err(|e| e.to_string())
+}
+
+/// ztunnel's answer to one request. Pure, so it can be fuzzed.
+pub fn decode_ack(msg: &[u8]) -> Result<AckResult, String> {
+    let resp = WorkloadResponse::decode(msg).map_err(|e| e.to_string())?;
+    match resp.payload {
+        Some(workload_response::Payload::Ack(ack)) if ack.error.is_empty() => Ok(AckResult::Acked),
+        Some(workload_response::Payload::Ack(ack)) => Ok(AckResult::Nacked(ack.error)),
+        None => Err("response without payload".into()),
+    }
 }
 
 struct Connection {
@@ -287,22 +312,111 @@ impl Connection {
             .await
             .map_err(|_| ConnError::Timeout(timeout))??;
         let r = received.ok_or(ConnError::Closed)?;
-        if r.truncated {
-            return Err(ConnError::Protocol("oversized response".into()));
+        message(&r, buf)
+            .and_then(decode_ack)
+            .map_err(|e| ConnError::Protocol(format!("response: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::zds::proto::{Ack, WorkloadInfo, workload_request};
+
+    fn text() -> impl Strategy<Value = String> {
+        "\\PC{0,16}"
+    }
+
+    fn request() -> impl Strategy<Value = WorkloadRequest> {
+        let info = prop::option::of((text(), text(), text()).prop_map(
+            |(name, namespace, service_account)| WorkloadInfo {
+                name,
+                namespace,
+                service_account,
+            },
+        ));
+        let payload = prop_oneof![
+            (text(), info)
+                .prop_map(|(uid, workload_info)| Payload::Add(AddWorkload { uid, workload_info })),
+            text().prop_map(|uid| Payload::Del(DelWorkload { uid })),
+            text().prop_map(|uid| Payload::Keep(KeepWorkload { uid })),
+            Just(Payload::SnapshotSent(SnapshotSent {})),
+        ];
+        prop::option::of(payload).prop_map(|payload| WorkloadRequest { payload })
+    }
+
+    fn ack_bytes(error: &str) -> Vec<u8> {
+        WorkloadResponse {
+            payload: Some(workload_response::Payload::Ack(Ack {
+                error: error.into(),
+            })),
         }
-        if !r.fds.is_empty() {
-            return Err(ConnError::Protocol(
-                "response carried file descriptors".into(),
-            ));
+        .encode_to_vec()
+    }
+
+    proptest! {
+        /// What the agent sends, ztunnel (or the test peer) reads back the same.
+        #[test]
+        fn requests_round_trip(req in request()) {
+            let bytes = req.encode_to_vec();
+            prop_assert_eq!(WorkloadRequest::decode(bytes.as_slice()).unwrap(), req);
         }
-        let resp = WorkloadResponse::decode(&buf[..r.len])
-            .map_err(|e| ConnError::Protocol(format!("response: {e}")))?;
-        match resp.payload {
-            Some(workload_response::Payload::Ack(ack)) if ack.error.is_empty() => {
-                Ok(AckResult::Acked)
-            }
-            Some(workload_response::Payload::Ack(ack)) => Ok(AckResult::Nacked(ack.error)),
-            None => Err(ConnError::Protocol("response without payload".into())),
+
+        /// An Ack is an ACK when its error is empty and a NACK carrying that error otherwise.
+        #[test]
+        fn acks_decode_to_what_ztunnel_meant(error in text()) {
+            let want = if error.is_empty() {
+                AckResult::Acked
+            } else {
+                AckResult::Nacked(error.clone())
+            };
+            prop_assert_eq!(decode_ack(&ack_bytes(&error)).unwrap(), want);
         }
+
+        /// A hello carries its version through, known or not.
+        #[test]
+        fn hellos_round_trip(version in any::<i32>()) {
+            let bytes = ZdsHello { version }.encode_to_vec();
+            prop_assert_eq!(decode_hello(&bytes).unwrap(), version);
+        }
+
+        /// A cut-off Ack is an error, or (cut before the payload) a response without one.
+        #[test]
+        fn truncated_acks_are_errors(error in "\\PC{1,16}", cut in 0.0..1.0f64) {
+            let bytes = ack_bytes(&error);
+            let n = (bytes.len() as f64 * cut) as usize;
+            prop_assert!(decode_ack(&bytes[..n]).is_err());
+        }
+    }
+
+    #[test]
+    fn what_does_not_fit_or_carries_fds_is_refused() {
+        let buf = ack_bytes("");
+        let ok = Received {
+            len: buf.len(),
+            truncated: false,
+            fds: Vec::new(),
+        };
+        assert_eq!(message(&ok, &buf), Ok(buf.as_slice()));
+        let truncated = Received {
+            truncated: true,
+            ..ok
+        };
+        assert!(message(&truncated, &buf).unwrap_err().contains("oversized"));
+        let fd = std::fs::File::open("/dev/null").unwrap().into();
+        let with_fd = Received {
+            len: buf.len(),
+            truncated: false,
+            fds: vec![fd],
+        };
+        assert!(message(&with_fd, &buf).unwrap_err().contains("descriptors"));
+        let past_end = Received {
+            len: buf.len() + 1,
+            truncated: false,
+            fds: Vec::new(),
+        };
+        assert!(message(&past_end, &buf).is_err());
     }
 }

@@ -125,8 +125,8 @@ impl SeqPacket {
 
 /// One recvmsg. Raw libc rather than nix: when control data is truncated nix reports an error
 /// instead of the fds the kernel did install, which would then leak; here every received fd
-/// is owned (and closed when dropped).
-fn recv_once(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<Received>> {
+/// is owned (and closed when dropped). Public for the fuzz target, which checks exactly that.
+pub fn recv_once(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<Received>> {
     const MAX_FDS: usize = 8;
     // SAFETY: CMSG_SPACE is a pure size computation.
     let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<RawFd>()) as u32) } as usize;
