@@ -41,6 +41,8 @@ pub struct Netns {
     path: PathBuf,
     dev: u64,
     ino: u64,
+    /// Read once: asking costs a thread that enters the namespace.
+    cookie: std::sync::OnceLock<u64>,
 }
 
 impl Netns {
@@ -66,6 +68,7 @@ impl Netns {
             path,
             dev: meta.dev(),
             ino: meta.ino(),
+            cookie: std::sync::OnceLock::new(),
         })
     }
 
@@ -114,11 +117,15 @@ impl Netns {
     /// The kernel's cookie for this namespace: what the eBPF programs see as
     /// `bpf_get_netns_cookie`, unique for the life of the machine.
     pub fn cookie(&self) -> Result<u64, NetnsError> {
-        self.run(current_cookie)?.map_err(|source| NetnsError::Io {
+        if let Some(c) = self.cookie.get() {
+            return Ok(*c);
+        }
+        let c = self.run(current_cookie)?.map_err(|source| NetnsError::Io {
             path: self.path.clone(),
             what: "SO_NETNS_COOKIE",
             source,
-        })
+        })?;
+        Ok(*self.cookie.get_or_init(|| c))
     }
 }
 

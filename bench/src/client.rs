@@ -1,9 +1,17 @@
 //! `sluice-bench client`: the application inside a pod. Blocking sockets, one job at a time,
 //! exactly the same code in every setup: only the addresses it is given differ (the floor
 //! dials the peer itself).
+//!
+//! A blocking TCP read or write that fails with `EAGAIN` before its timeout is retried and
+//! counted (`early_eagain` in each result): the kernel does that to sockets in a sockmap
+//! (`tcp_bpf_recvmsg` returns `EAGAIN` whenever a blocking read is woken without data, e.g.
+//! when the socket's own FIN is acknowledged), which is what `--accelerate` does to the app's
+//! sockets. Retrying lets the figures measure acceleration; the count shows how often an
+//! application that believes `EAGAIN` would have failed.
 use std::io::{self, BufRead, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -44,7 +52,54 @@ pub fn run() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Blocking calls that failed with `EAGAIN` before their timeout (see the module's doc).
+static EARLY_EAGAIN: AtomicU64 = AtomicU64::new(0);
+
+/// Runs one blocking socket call, retrying `EINTR` and an `EAGAIN` that came before
+/// `timeout` had passed.
+fn patient<T>(timeout: Duration, mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let started = Instant::now();
+    loop {
+        match call() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && started.elapsed() < timeout => {
+                EARLY_EAGAIN.fetch_add(1, Ordering::Relaxed);
+            }
+            other => return other,
+        }
+    }
+}
+
+fn read_exact(s: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match patient(timeout, || s.read(&mut buf[got..]))? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
+        }
+    }
+    Ok(())
+}
+
+fn write_all(s: &mut TcpStream, buf: &[u8], timeout: Duration) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match patient(timeout, || s.write(&buf[done..]))? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => done += n,
+        }
+    }
+    Ok(())
+}
+
 fn execute(job: Job, out: &Output) -> JobResult {
+    let early = EARLY_EAGAIN.load(Ordering::Relaxed);
+    let mut r = run_job(job, out);
+    r.early_eagain = EARLY_EAGAIN.load(Ordering::Relaxed) - early;
+    r
+}
+
+fn run_job(job: Job, out: &Output) -> JobResult {
     match job {
         Job::Connect {
             addrs,
@@ -123,7 +178,7 @@ fn short_connection(
     let mut s = tcp_connect(addr).map_err(|e| errno_name(&e))?;
     r.connections += 1;
     let mut byte = [0u8; 1];
-    match s.read(&mut byte) {
+    match patient(IO_TIMEOUT, || s.read(&mut byte)) {
         Ok(1) => {}
         Ok(_) => return Err("eof".into()),
         Err(e) => return Err(errno_name(&e)),
@@ -132,7 +187,7 @@ fn short_connection(
     if !client_closes {
         // The server closes first: wait for its FIN before closing our end.
         let mut sink = [0u8; 64];
-        while let Ok(n) = s.read(&mut sink) {
+        while let Ok(n) = patient(IO_TIMEOUT, || s.read(&mut sink)) {
             if n == 0 {
                 break;
             }
@@ -183,7 +238,8 @@ fn rr_job(addr: SocketAddr, size: usize, count: u64, until: Instant) -> JobResul
         }
         r.attempts += 1;
         let t0 = Instant::now();
-        let res = s.write_all(&msg).and_then(|()| s.read_exact(&mut back));
+        let res = write_all(&mut s, &msg, IO_TIMEOUT)
+            .and_then(|()| read_exact(&mut s, &mut back, IO_TIMEOUT));
         match res {
             Ok(()) if back == msg => r.samples.push(us(t0.elapsed())),
             Ok(()) => r.error("bad_reply"),
@@ -209,12 +265,12 @@ fn stream_one(addr: SocketAddr, bytes: u64) -> Result<(), String> {
     let mut left = bytes;
     while left > 0 {
         let n = left.min(CHUNK as u64) as usize;
-        s.write_all(&chunk[..n]).map_err(|e| errno_name(&e))?;
+        write_all(&mut s, &chunk[..n], STREAM_TIMEOUT).map_err(|e| errno_name(&e))?;
         left -= n as u64;
     }
     s.shutdown(Shutdown::Write).map_err(|e| errno_name(&e))?;
     let mut count = [0u8; 8];
-    s.read_exact(&mut count).map_err(|e| errno_name(&e))?;
+    read_exact(&mut s, &mut count, STREAM_TIMEOUT).map_err(|e| errno_name(&e))?;
     if u64::from_be_bytes(count) != bytes {
         return Err("short".into());
     }
@@ -305,13 +361,21 @@ fn dns_job(server: SocketAddr, count: u64, connected: bool, until: Instant) -> J
     r
 }
 
+/// How long one probe waits for its SYN to be answered. Sluice drops an app's SYN while the
+/// pod's ztunnel has no listener yet (the kernel cannot reset it: its source would be the
+/// destination, an address the pod does not have), and TCP would retransmit it only after a
+/// second; a fresh connection per attempt measures when redirection works, not TCP's timer.
+const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_millis(5);
+
 fn probe_job(addr: SocketAddr, interval: Duration, until: Instant) -> JobResult {
     let mut r = JobResult::default();
     let start = Instant::now();
     while Instant::now() < until {
         r.attempts += 1;
         // Established is enough: in a pod with no route, only redirection gets that far.
-        match tcp_connect(addr) {
+        let attempt = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+            .and_then(|s| s.connect_timeout(&addr.into(), PROBE_CONNECT_TIMEOUT));
+        match attempt {
             Ok(_) => {
                 r.first_success_ns = Some(mono_ns());
                 r.connections = 1;

@@ -42,8 +42,9 @@ pub enum Job {
         connected: bool,
         deadline_ms: u64,
     },
-    /// Connects to `addr` every `interval_us` until a connection is established;
-    /// answers `{"event":"probing"}` first, so the caller can start the clock after it.
+    /// Connects to `addr` every `interval_us` until a connection is established (each attempt
+    /// a new socket, given 5 ms); answers `{"event":"probing"}` first, so the caller can start
+    /// the clock after it.
     Probe {
         addr: SocketAddr,
         interval_us: u64,
@@ -67,6 +68,11 @@ pub struct JobResult {
     /// The deadline ended the job before `count`.
     #[serde(default)]
     pub timed_out: bool,
+    /// Blocking reads and writes that failed with `EAGAIN` before their timeout, and were
+    /// retried (see `client::patient`); a blocking application that takes `EAGAIN` for the
+    /// timeout it means would have failed that many times.
+    #[serde(default)]
+    pub early_eagain: u64,
 }
 
 impl JobResult {

@@ -18,9 +18,10 @@
 //! `listen`, so the mark is read now). Without one the SYN is dropped, and counted: nobody else
 //! may receive captured traffic. Inbound it is dropped silently, like TPROXY does, so that the
 //! client retries until ztunnel is there (a pod just enrolled, ztunnel restarting): it is handed
-//! to the agent's black hole, a listener whose accept queue is full. `SK_DROP` would make the
-//! kernel answer with a reset; that is what an outbound SYN without ztunnel gets (as with
-//! iptables REDIRECT to a port nobody listens on), and inbound ones while no agent runs.
+//! to the agent's black hole, a listener whose accept queue is full. Outbound it is `SK_DROP`:
+//! the kernel's reset would have the original destination as its source, which the pod does not
+//! own, so it is not delivered and the app's TCP resends its SYN until ztunnel listens. Inbound
+//! SYNs get a reset from `SK_DROP` only while no agent runs (no black hole).
 //! `SK_PASS` without a socket lets the next program, then the normal lookup, decide.
 use core::ptr::{addr_of, read_volatile};
 

@@ -625,6 +625,45 @@ fn acceleration_short_circuits_with_the_same_behaviour() {
     );
 }
 
+/// Row 9 under load: several MiB over several parallel accelerated connections, through
+/// two "ztunnels" (the client's outbound, the server's inbound), arrive complete and in order,
+/// both ways: every byte the server echoes is checked. A stall fails the connection after the
+/// socket timeout; nothing here is timed. (The client retries a blocking call's early
+/// `EAGAIN`, which the kernel returns on accelerated sockets: see the testkit's `bulk`.)
+#[test]
+fn acceleration_carries_bulk_transfers_on_parallel_connections() {
+    let Some(mut fx) = fixture(2, true) else {
+        return;
+    };
+    fx.enroll(0, EnrollOptions::default()).unwrap();
+    fx.enroll(1, EnrollOptions::default()).unwrap();
+    let _peer0 = fx.peer(0).unwrap();
+    let _peer1 = fx.peer(1).unwrap();
+    let server = fx.app(1).unwrap();
+    server.listen(8080).unwrap();
+    let mut client = fx.app(0).unwrap();
+    client.set_timeout(Duration::from_secs(120));
+    let (parallel, bytes) = (8, 4 << 20);
+    for dst in fx.pod(1).ips() {
+        let r = client
+            .bulk(sa(dst, 8080), bytes, parallel, Duration::from_secs(10))
+            .unwrap();
+        for (i, c) in r["results"].as_array().unwrap().iter().enumerate() {
+            assert!(
+                c["error"].is_null() && c["mismatch_at"].is_null(),
+                "{dst}, connection {i}: {c}"
+            );
+            assert_eq!(c["sent"], bytes, "{dst}, connection {i}: {c}");
+            assert_eq!(c["verified"], bytes, "{dst}, connection {i}: {c}");
+        }
+    }
+    let counters = fx.dp().counters();
+    assert!(
+        count(&counters, Counter::MessagesAccelerated) > 0,
+        "the bytes took the short-circuit: {counters:?}"
+    );
+}
+
 fn count(counters: &[(Counter, u64)], which: Counter) -> u64 {
     counters
         .iter()

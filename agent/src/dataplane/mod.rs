@@ -21,6 +21,7 @@ mod listeners;
 mod object;
 mod pins;
 pub mod pod_net;
+mod proc_sys;
 mod table;
 pub mod trace;
 
@@ -153,6 +154,8 @@ pub struct Dataplane {
     _black_holes: Vec<blackhole::BlackHole>,
     /// Netns cookies being enrolled or unenrolled right now.
     busy: Mutex<HashSet<u64>>,
+    /// Where pods' sysctls are opened (a procfs of our own: see `proc_sys`).
+    proc_sys: proc_sys::ProcSys,
     adopted: bool,
     hook: Option<Box<dyn Fn(EnrollStage) + Send + Sync>>,
 }
@@ -295,6 +298,7 @@ impl Dataplane {
             sk_lookup_id,
             agent_netns,
             busy: Mutex::new(HashSet::new()),
+            proc_sys: proc_sys::ProcSys::default(),
             adopted,
             hook: None,
         };
@@ -473,13 +477,14 @@ impl Dataplane {
         // Inside the pod: sysctls (saved first, so that they can be restored), then the rule and
         // route, and the addresses the netns has.
         let sources = ReplySources::of(ips);
+        let sysctl_root = self.proc_sys.root();
         let (saved, result) = netns.run(|| {
-            let saved = match Sysctls::read() {
+            let saved = match Sysctls::read(&sysctl_root) {
                 Ok(v) => v,
                 Err(e) => return (None, Err(io_err("reading the pod's sysctls")(e))),
             };
             let result = Sysctls::ENROLLED
-                .write()
+                .write(&sysctl_root)
                 .map_err(io_err("setting the pod's sysctls"))
                 .and_then(|()| {
                     pod_net::add_reply_route(sources).map_err(io_err("adding the reply route"))
@@ -643,9 +648,12 @@ impl Dataplane {
             reflect4: cfg.saved_reflect4,
             reflect6: cfg.saved_reflect6,
         };
+        let sysctl_root = self.proc_sys.root();
         netns.run(|| -> Result<(), Error> {
             pod_net::remove_reply_route().map_err(io_err("removing the reply route"))?;
-            saved.write().map_err(io_err("restoring the pod's sysctls"))
+            saved
+                .write(&sysctl_root)
+                .map_err(io_err("restoring the pod's sysctls"))
         })?
     }
 

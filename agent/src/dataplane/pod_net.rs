@@ -16,6 +16,8 @@ use netlink_packet_route::{
     rule::{RuleAction, RuleAttribute, RuleMessage},
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
+
+use super::proc_sys::SysctlRoot;
 use sluice_common::{
     LOOPBACK_IFINDEX, MARK_MASK, REPLY_MARK, REPLY_ROUTE_TABLE, REPLY_RULE_PRIORITY, SYSCTL_ABSENT,
 };
@@ -264,9 +266,9 @@ pub struct Sysctls {
     pub reflect6: u32,
 }
 
-const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
-const REFLECT4: &str = "/proc/sys/net/ipv4/fwmark_reflect";
-const REFLECT6: &str = "/proc/sys/net/ipv6/fwmark_reflect";
+const FWMARK_ACCEPT: &str = "net/ipv4/tcp_fwmark_accept";
+const REFLECT4: &str = "net/ipv4/fwmark_reflect";
+const REFLECT6: &str = "net/ipv6/fwmark_reflect";
 
 impl Sysctls {
     /// What enrollment wants.
@@ -276,23 +278,25 @@ impl Sysctls {
         reflect6: 1,
     };
 
-    pub fn read() -> io::Result<Sysctls> {
+    /// The calling thread's netns's values, read under `root` (see `proc_sys`).
+    pub fn read(root: &SysctlRoot) -> io::Result<Sysctls> {
         Ok(Sysctls {
-            fwmark_accept: read_sysctl(FWMARK_ACCEPT)?,
-            reflect4: read_sysctl(REFLECT4)?,
-            reflect6: match read_sysctl(REFLECT6) {
+            fwmark_accept: read_sysctl(root, FWMARK_ACCEPT)?,
+            reflect4: read_sysctl(root, REFLECT4)?,
+            reflect6: match read_sysctl(root, REFLECT6) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => SYSCTL_ABSENT,
                 other => other?,
             },
         })
     }
 
-    /// Writes these values (an absent IPv6 sysctl is left absent).
-    pub fn write(&self) -> io::Result<()> {
-        std::fs::write(FWMARK_ACCEPT, self.fwmark_accept.to_string())?;
-        std::fs::write(REFLECT4, self.reflect4.to_string())?;
+    /// Writes these values in the calling thread's netns (an absent IPv6 sysctl is left
+    /// absent).
+    pub fn write(&self, root: &SysctlRoot) -> io::Result<()> {
+        root.write(FWMARK_ACCEPT, &self.fwmark_accept.to_string())?;
+        root.write(REFLECT4, &self.reflect4.to_string())?;
         if self.reflect6 != SYSCTL_ABSENT {
-            match std::fs::write(REFLECT6, self.reflect6.to_string()) {
+            match root.write(REFLECT6, &self.reflect6.to_string()) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 other => other?,
             }
@@ -301,9 +305,9 @@ impl Sysctls {
     }
 }
 
-fn read_sysctl(path: &str) -> io::Result<u32> {
-    let v = std::fs::read_to_string(path)?;
+fn read_sysctl(root: &SysctlRoot, rel: &str) -> io::Result<u32> {
+    let v = root.read(rel)?;
     v.trim()
         .parse()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: {v:?}")))
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{rel}: {v:?}")))
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde_json::Value;
 use sluice_tests::{
-    agent_proc::{AgentPaths, AgentProc, Workdir},
+    agent_proc::{AgentPaths, AgentProc, METRICS_PORT, Workdir},
     harness::{Bpffs, Cgroup, Proc},
 };
 
@@ -51,6 +51,7 @@ pub struct PeerStats {
     pub outbound_sol_ip: u64,
     pub outbound_sol_ipv6: u64,
     pub outbound_local: u64,
+    pub outbound_at_orig: u64,
     pub dns: u64,
 }
 
@@ -137,6 +138,17 @@ impl Agent {
 
     pub fn pid(&self) -> Result<u32> {
         self.proc.pid().context("the agent is not running")
+    }
+
+    /// `sluice_enroll_duration_seconds_sum` from `/metrics`: the agent's own time spent
+    /// enrolling, over every enrollment so far.
+    pub fn enroll_seconds(&self) -> Result<f64> {
+        let (code, body) = self.proc.http_get(METRICS_PORT, "/metrics")?;
+        anyhow::ensure!(code == 200, "/metrics answered {code}");
+        body.lines()
+            .find_map(|l| l.strip_prefix("sluice_enroll_duration_seconds_sum "))
+            .and_then(|v| v.trim().parse().ok())
+            .context("no sluice_enroll_duration_seconds_sum in /metrics")
     }
 }
 

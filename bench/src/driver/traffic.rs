@@ -5,6 +5,7 @@
 //! After every job the peer's counters must show the client's connections (or DNS queries)
 //! arriving through it, with the original destination from SO_ORIGINAL_DST (floor: from the
 //! local address): a setup whose traffic bypassed the peer is reported, never measured.
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -54,6 +55,8 @@ struct Runner<'a, 'e> {
     active: &'a mut Active<'e>,
     /// (figure, problem)
     problems: &'a mut Vec<(u8, String)>,
+    /// Per (figure, setup): blocking calls the client retried after an early `EAGAIN`.
+    eagain: &'a mut BTreeMap<(u8, &'static str), u64>,
 }
 
 impl Runner<'_, '_> {
@@ -71,6 +74,9 @@ impl Runner<'_, '_> {
         let r = self.active.client.run(&job, deadline + SLACK)?;
         let after = self.active.peer.stats()?;
         let setup = self.active.setup;
+        if r.early_eagain > 0 {
+            *self.eagain.entry((fig, setup.name())).or_default() += r.early_eagain;
+        }
         let (seen, made, how) = match expect {
             Expect::Connections => {
                 let seen = if setup == Setup::Floor {
@@ -91,6 +97,19 @@ impl Runner<'_, '_> {
                 fig,
                 format!(
                     "{} / {what}: the client got {made} {how} but the peer handled {seen}: traffic went around it",
+                    setup.name()
+                ),
+            ));
+        }
+        // Sluice hands each connection to the peer's listener as TPROXY would: the accepted
+        // socket's own local address is the original destination (what ztunnel falls back
+        // to), and SO_ORIGINAL_DST says the same.
+        let at_orig = after.outbound_at_orig - before.outbound_at_orig;
+        if setup.is_sluice() && matches!(expect, Expect::Connections) && at_orig < made {
+            self.problems.push((
+                fig,
+                format!(
+                    "{} / {what}: {made} connections, but only {at_orig} reached the peer with their original destination as local address",
                     setup.name()
                 ),
             ));
@@ -145,6 +164,7 @@ pub fn run(env: &Env, plan: &Plan) -> Result<Vec<Figure>> {
         Rows::default(),
     );
     let mut problems = Vec::new();
+    let mut eagain = BTreeMap::new();
     let mut rss = Vec::new();
     let long = Duration::from_secs(if plan.quick { 30 } else { 180 });
     for round in 1..=plan.rounds {
@@ -164,6 +184,7 @@ pub fn run(env: &Env, plan: &Plan) -> Result<Vec<Figure>> {
             let mut run = Runner {
                 active: &mut active,
                 problems: &mut problems,
+                eagain: &mut eagain,
             };
             run.warm_up()?;
             let r = run.job(
@@ -269,6 +290,7 @@ pub fn run(env: &Env, plan: &Plan) -> Result<Vec<Figure>> {
         let mut run = Runner {
             active: &mut active,
             problems: &mut problems,
+            eagain: &mut eagain,
         };
         let deadline = Duration::from_secs(if plan.quick { 60 } else { 300 });
         let r = run.job(
@@ -360,6 +382,16 @@ pub fn run(env: &Env, plan: &Plan) -> Result<Vec<Figure>> {
     ));
 
     let mut figures = vec![fig1, fig2, fig3, fig4, fig5, fig8];
+    for ((id, setup), n) in eagain {
+        if let Some(f) = figures.iter_mut().find(|f| f.id == id) {
+            f.fact(
+                setup,
+                "blocking reads/writes that failed with EAGAIN before their timeout (retried)",
+                n as f64,
+                "calls",
+            );
+        }
+    }
     for (id, problem) in problems {
         if let Some(f) = figures.iter_mut().find(|f| f.id == id) {
             f.problems.push(problem);

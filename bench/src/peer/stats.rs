@@ -9,6 +9,7 @@ pub struct Stats {
     outbound_sol_ip: AtomicU64,
     outbound_sol_ipv6: AtomicU64,
     outbound_local: AtomicU64,
+    outbound_at_orig: AtomicU64,
     inbound: AtomicU64,
     upstream_failed: AtomicU64,
     dns: AtomicU64,
@@ -22,6 +23,9 @@ pub struct Snapshot {
     pub outbound_sol_ip: u64,
     pub outbound_sol_ipv6: u64,
     pub outbound_local: u64,
+    /// Outbound connections whose accepted socket's local address is their original
+    /// destination (a TPROXY-like hand-over: Sluice's `sk_lookup`; not iptables' REDIRECT).
+    pub outbound_at_orig: u64,
     pub inbound: u64,
     pub upstream_failed: u64,
     pub dns: u64,
@@ -37,6 +41,9 @@ impl Stats {
             OrigDstFrom::Local => &self.outbound_local,
         }
         .fetch_add(1, Relaxed);
+    }
+    pub fn outbound_at_orig(&self) {
+        self.outbound_at_orig.fetch_add(1, Relaxed);
     }
     pub fn inbound(&self) {
         self.inbound.fetch_add(1, Relaxed);
@@ -63,6 +70,7 @@ impl Stats {
             outbound_sol_ip: self.outbound_sol_ip.load(Relaxed),
             outbound_sol_ipv6: self.outbound_sol_ipv6.load(Relaxed),
             outbound_local: self.outbound_local.load(Relaxed),
+            outbound_at_orig: self.outbound_at_orig.load(Relaxed),
             inbound: self.inbound.load(Relaxed),
             upstream_failed: self.upstream_failed.load(Relaxed),
             dns: self.dns.load(Relaxed),

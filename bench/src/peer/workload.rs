@@ -125,6 +125,9 @@ async fn relay(mut client: TcpStream, inbound: bool, ctx: &Ctx, ns: &PodNetns) -
         orig
     } else {
         ctx.stats.outbound(from);
+        if from != OrigDstFrom::Local && canonical(client.local_addr()?) == orig {
+            ctx.stats.outbound_at_orig();
+        }
         match from {
             OrigDstFrom::Local if ctx.floor => floor::decode(orig),
             // Nothing redirected it here: following the local address would loop.

@@ -242,6 +242,23 @@ impl App {
         Ok(v)
     }
 
+    /// `parallel` connections to a `listen` server at once, each sending `bytes` of a known
+    /// pattern and checking the echo byte for byte; a read or write stalled for `timeout`
+    /// fails its connection. The response's `results` has one entry per connection.
+    pub fn bulk(
+        &self,
+        addr: SocketAddr,
+        bytes: u64,
+        parallel: usize,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let timeout_ms = timeout.as_millis() as u64;
+        let v = self.request(json!({"cmd": "bulk", "addr": addr, "bytes": bytes,
+            "parallel": parallel, "timeout_ms": timeout_ms}))?;
+        ensure_ok_value(&v)?;
+        Ok(v)
+    }
+
     /// Starts a background connect+banner+close loop against `addr`.
     pub fn loop_start(&self, id: &str, addr: SocketAddr, interval: Duration) -> Result<()> {
         let interval_ms = interval.as_millis() as u64;

@@ -26,6 +26,10 @@ fn pump(mut from: impl Read, to: TcpStream) -> io::Result<()> {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // No timeout is set, so this is the kernel waking a blocking read on a sockmap
+            // socket without data (`tcp_bpf_recvmsg`, acceleration): wait again, as
+            // ztunnel's event loop would.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 abort(&to);
                 return Err(e);

@@ -77,6 +77,15 @@ pub enum Command {
         #[serde(flatten)]
         opts: SocketOpts,
     },
+    /// `parallel` connections to a `listen` server at once, each sending `bytes` of a known
+    /// pattern and checking every echoed byte (`timeout_ms` bounds each read and write).
+    Bulk {
+        addr: SocketAddr,
+        bytes: u64,
+        parallel: usize,
+        #[serde(flatten)]
+        opts: SocketOpts,
+    },
 }
 
 /// Where and how to connect.

@@ -3,6 +3,7 @@
 //! one JSON line carrying the same `"seq"`; background work (accepted connections)
 //! is reported as `{"event":...}` lines in between. Commands run one at a time.
 
+mod bulk;
 mod client;
 pub mod command;
 mod loops;
@@ -142,6 +143,12 @@ impl AppState {
             }
             Command::DnsUdpMulti { servers, opts } => client::dns_udp_multi(&servers, &opts),
             Command::Churn { addrs, count, opts } => client::churn(&addrs, count, &opts),
+            Command::Bulk {
+                addr,
+                bytes,
+                parallel,
+                opts,
+            } => bulk::bulk(addr, bytes, parallel, &opts),
             Command::SinkStart { port } => {
                 if self.sink.is_some() {
                     return Err(Failure::msg("a sink is running already"));

@@ -1,6 +1,6 @@
 //! `listen`: a banner-then-echo TCP server, reporting each accepted connection.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread;
@@ -57,8 +57,27 @@ fn serve(mut stream: TcpStream, port: u16, out: &Output) {
     {
         return;
     }
-    if let Ok(mut rx) = stream.try_clone() {
-        let _ = io::copy(&mut rx, &mut stream);
+    if let Ok(rx) = stream.try_clone() {
+        let _ = echo(rx, &mut stream);
     }
     let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Copies `rx` to `tx` until EOF. The socket has no timeout, so `EAGAIN` can only be the
+/// kernel waking a blocking read on an accelerated (sockmap) socket without data
+/// (`tcp_bpf_recvmsg`): read again, as an application that survives acceleration must.
+fn echo(mut rx: TcpStream, tx: &mut TcpStream) -> io::Result<()> {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match rx.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => tx.write_all(&buf[..n])?,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
