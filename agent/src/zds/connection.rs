@@ -323,7 +323,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::zds::proto::{Ack, WorkloadInfo, workload_request};
+    use crate::zds::proto::{Ack, WorkloadInfo};
 
     fn text() -> impl Strategy<Value = String> {
         "\\PC{0,16}"
