@@ -20,7 +20,7 @@ use crate::{cmd, workspace_root};
 pub const TARGETS: &[&str] = &["control", "zds", "state", "cni", "conflist"];
 
 /// Seconds per target in `cargo xtask test`.
-pub const GATE_SECONDS: u64 = 20;
+pub const GATE_SECONDS: u64 = 10;
 
 /// Inputs up to what the agent itself accepts (64 KiB control lines, pod files and ZDS
 /// packets); no single allocation over 64 MiB, so nothing may size a buffer from a length it
