@@ -3,10 +3,10 @@
 //! loop of new connections through an enrolled pod never fails, a connection opened before
 //! the update carries on after it, and ztunnel keeps every pod.
 //!
-//! The old agent is the test build (debug); the new one is the image's (`cargo xtask image`:
-//! release, stripped), made another build of the eBPF object. Debug and release builds embed
-//! byte-identical objects (aya-build always builds it in release mode), and an object with
-//! other bytes needs other source; so the new binary's embedded object gets one byte of its
+//! The old agent is the test build; the new one is the image's (stripped), made another build
+//! of the eBPF object. Every build embeds a byte-identical object (aya-build always builds it
+//! in release mode), and an object with other bytes needs other source; so the new binary's
+//! embedded object gets one byte of its
 //! DWARF producer string changed: the same programs, another object id, which the agent
 //! treats as a new build: it attaches its own cgroup programs, moves every pod's `sk_lookup`
 //! link to its program in place, and removes the old build's.

@@ -18,9 +18,12 @@ pub fn cargo() -> Command {
 pub fn run(cmd: &mut Command) -> Result<()> {
     let line = display(cmd);
     eprintln!("$ {line}");
+    let started = std::time::Instant::now();
     let status = cmd
         .status()
         .with_context(|| format!("cannot start `{line}`"))?;
+    // Where CI's minutes go, step by step.
+    eprintln!("  ({:.0?})", started.elapsed());
     if !status.success() {
         bail!("`{line}` failed ({status})");
     }

@@ -3,7 +3,8 @@
 //! `ctr images import` (containerd), `podman load` or `skopeo copy oci-archive:...` read.
 //!
 //! One layer, as the runtime stage of `deploy/Containerfile` builds it: the release
-//! `sluice-agent` and `sluice-cni` in /usr/local/bin (debug info stripped), the shared
+//! `sluice-agent` and `sluice-cni` (the tests' debug build in `cargo xtask test`) in
+//! /usr/local/bin (debug info stripped), the shared
 //! libraries they load, at their host paths (their `ldd` list, symlinks included), `/tmp`, and
 //! `/var/run` as a link to `/run`, as on the nodes. Every
 //! timestamp is 0 and no creation date is recorded, so the same binaries give the same image
@@ -36,8 +37,31 @@ pub struct Image {
     pub bin_dir: PathBuf,
 }
 
-pub fn build() -> Result<Image> {
-    cmd::run(cmd::cargo().args(["build", "--release", "--package", "sluice-agent", "--bins"]))?;
+/// Which binaries go into the image.
+#[derive(Clone, Copy)]
+pub enum Binaries {
+    /// `cargo build --release` (what `cargo xtask image` ships).
+    Release,
+    /// The debug build `cargo xtask test` has already made for every other test: the same
+    /// programs and code paths, and no second (release) build of the whole tree, which would
+    /// cost CI minutes.
+    TestBuild,
+}
+
+pub fn build(binaries: Binaries) -> Result<Image> {
+    let profile = match binaries {
+        Binaries::Release => {
+            cmd::run(cmd::cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "sluice-agent",
+                "--bins",
+            ]))?;
+            "release"
+        }
+        Binaries::TestBuild => "debug",
+    };
     let version = env!("CARGO_PKG_VERSION");
     let out = crate::target_dir().join("sluice-image");
     let bin_dir = out.join("bin");
@@ -51,7 +75,7 @@ pub fn build() -> Result<Image> {
                 .arg("--strip-debug")
                 .arg("-o")
                 .arg(&stripped)
-                .arg(crate::target_dir().join("release").join(name)),
+                .arg(crate::target_dir().join(profile).join(name)),
         )?;
         rootfs.file(Path::new(BIN_DIR).join(name), &stripped)?;
         rootfs.shared_libs(&stripped)?;

@@ -138,7 +138,7 @@ fn run(command: Command) -> Result<()> {
         ),
         Command::Image => {
             bootstrap::run()?;
-            let image = image::build()?;
+            let image = image::build(image::Binaries::Release)?;
             println!("{}\t{}", image.archive.display(), image.reference);
             Ok(())
         }

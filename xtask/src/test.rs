@@ -91,7 +91,7 @@ fn steps(extra: &[String]) -> Result<()> {
     let kube_bins = kube_apiserver::ensure()?;
     // The deploy tests: the chart through the real Helm engine, the image in containerd.
     let helm_lib = helm::ensure()?;
-    let image = image::build()?;
+    let image = image::build(image::Binaries::TestBuild)?;
     let mut test = cmd::cargo();
     test.arg("test")
         .args(TEST_FEATURES)

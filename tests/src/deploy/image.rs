@@ -1,6 +1,6 @@
 //! The agent's container image as `cargo xtask image` builds it (an OCI archive), and the
-//! release binaries it carries. `cargo xtask test` builds it and names both in the
-//! environment; otherwise they are looked for where `cargo xtask image` puts them.
+//! binaries it carries. `cargo xtask test` builds it (from the tests' debug build) and names
+//! both in the environment; otherwise they are looked for where `cargo xtask image` puts them.
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
@@ -16,7 +16,7 @@ pub struct AgentImage {
     pub archive: PathBuf,
     /// The name it imports as, e.g. `localhost/sluice-agent:0.1.0`.
     pub reference: String,
-    /// The image's `sluice-agent` and `sluice-cni` (release builds), on the host.
+    /// The image's `sluice-agent` and `sluice-cni` (stripped), on the host.
     pub bin_dir: PathBuf,
 }
 
@@ -46,7 +46,7 @@ impl AgentImage {
         }))
     }
 
-    /// The image's `sluice-agent`, run on the host (a release build).
+    /// The image's `sluice-agent`, run on the host.
     pub fn agent_bin(&self) -> Result<PathBuf> {
         let bin = self.bin_dir.join("sluice-agent");
         anyhow::ensure!(bin.is_file(), "no {}", bin.display());

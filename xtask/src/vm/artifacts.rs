@@ -52,12 +52,14 @@ struct Target {
 }
 
 /// Test executables about what the node runs rather than the kernel (a real containerd, a
-/// real kube-apiserver with etcd, the Helm library, the release image): they run on the host
+/// real kube-apiserver with etcd, the Helm library, the image): they run on the host
 /// only, which keeps their binaries (hundreds of MiB) out of the initramfs.
 const HOST_ONLY: &[&str] = &[
     "cni_containerd",
     "kube_api",
     "kube_outage",
+    "kube_reconcile",
+    "kube_reconcile_outage",
     "deploy_chart",
     "deploy_image",
     "deploy_upgrade",
@@ -90,9 +92,6 @@ pub fn build(test_args: &[String]) -> Result<Artifacts> {
             continue;
         }
         let Some(path) = m.executable else { continue };
-        if NEEDS_API_SERVER.contains(&m.target.name.as_str()) {
-            continue;
-        }
         let names = list_tests(&path, test_args)?;
         if names.is_empty() {
             continue;
@@ -138,12 +137,3 @@ fn list_tests(exe: &Path, test_args: &[String]) -> Result<Vec<String>> {
         .map(str::to_string)
         .collect())
 }
-
-/// Test executables that run the tests' kube-apiserver and etcd, which the guest does not have
-/// (and which would crawl under emulation); the dataplane they drive is covered by the others.
-const NEEDS_API_SERVER: &[&str] = &[
-    "kube_api",
-    "kube_outage",
-    "kube_reconcile",
-    "kube_reconcile_outage",
-];

@@ -18,7 +18,8 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 # /run is a real tmpfs and /var/run a symlink to it: netns mounts under /run/netns must be
 # seen through both paths (a bind mount of /run would not carry them).
 mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# /tmp stays the initramfs's own (writable) directory: a checkout under /tmp carries the
+# test executables there.
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 # Cgroup v1 hierarchies too, as on the hybrid nodes kubelets still run on (cgroupfs and systemd
 # drivers): the /proc scan must find pods in either.
