@@ -207,7 +207,13 @@ impl KubeServer {
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": user.name()}}],
             "current-context": "test",
         });
-        fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+        // Tests of one binary share the server and ask for the same file at once: a reader
+        // must never see it half-written, so it is replaced whole.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{n}"));
+        fs::write(&tmp, serde_json::to_vec_pretty(&config)?)?;
+        fs::rename(&tmp, &path)?;
         Ok(path)
     }
 
