@@ -67,6 +67,15 @@ pub struct Stamp {
 }
 
 impl Stamp {
+    /// Not modified in the last two seconds (timestamps can be as coarse as a jiffy or a
+    /// second).
+    fn settled(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        now - self.mtime_ns > 2_000_000_000
+    }
+
     pub fn of(path: &Path) -> io::Result<Stamp> {
         use std::os::unix::fs::MetadataExt as _;
         let m = fs::metadata(path)?;
@@ -101,7 +110,10 @@ pub fn install_binary(
     if !same {
         write_atomic(dst, &new, 0o755)?;
     }
-    *seen = Some((now.0, Stamp::of(dst)?));
+    let after = (now.0, Stamp::of(dst)?);
+    // A file changed again within its timestamp's tick keeps its stamp (same length, same
+    // mtime): stamps are trusted only once both files have been still for a while.
+    *seen = (after.0.settled() && after.1.settled()).then_some(after);
     Ok(!same)
 }
 
@@ -198,6 +210,18 @@ mod tests {
         write_atomic(&dst, b"tampered", 0o755).unwrap();
         assert!(install_binary(&src, &dst, &mut seen).unwrap());
         assert_eq!(fs::read(&dst).unwrap(), b"v2");
+        // Files still for a while are remembered by their stamps, and not read again.
+        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(10);
+        for f in [&src, &dst] {
+            fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(past)
+                .unwrap();
+        }
+        assert!(!install_binary(&src, &dst, &mut seen).unwrap());
+        assert!(seen.is_some());
         remove(&dst).unwrap();
         remove(&dst).unwrap();
         fs::remove_dir_all(dir).unwrap();
