@@ -18,7 +18,6 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
     runtime::watcher,
 };
-use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::json;
 use sluice_agent::k8s::{
     annotate::{self, AnnotateError, PodEvents, REDIRECTION_ANNOTATION, Redirection},
@@ -37,77 +36,20 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-type TestFn = fn(Arc<KubeServer>) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
-
-macro_rules! tests {
-    ($($name:ident),* $(,)?) => {
-        [$((stringify!($name), (|s| Box::pin($name(s))) as TestFn)),*]
-    };
-}
-
 fn main() -> ExitCode {
-    let args = Arguments::from_args();
-    let tests = tests![
-        smoke_pods_namespaces_watch_and_status,
-        watch_caches_this_nodes_pods_and_enqueues_changes,
-        redirection_annotation_through_pods_status,
-        redirection_annotation_never_lands_on_a_recreated_pod,
-        events_are_recorded_on_the_pod,
-        startup_taint_is_removed_only_once_ready,
-        agent_rbac_from_deploy_is_enough,
-    ];
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    // Listing the tests, or a filter that selects none of them, needs no server.
-    let selected = |name: &str| {
-        let by_filter = args.filter.as_deref().is_none_or(|f| {
-            if args.exact {
-                name == f
-            } else {
-                name.contains(f)
-            }
-        });
-        by_filter && !args.skip.iter().any(|s| name.contains(s.as_str()))
-    };
-    let server = if args.list || !tests.iter().any(|(name, _)| selected(name)) {
-        None
-    } else {
-        let started = std::time::Instant::now();
-        match runtime.block_on(KubeServer::start()) {
-            Ok(s) => {
-                if s.is_some() {
-                    eprintln!("kube-apiserver and etcd ready in {:.1?}", started.elapsed());
-                }
-                s.map(Arc::new)
-            }
-            Err(e) => {
-                eprintln!("error: starting the test kube-apiserver: {e:#}");
-                return ExitCode::FAILURE;
-            }
-        }
-    };
-    let handle = runtime.handle().clone();
-    let trials = tests
-        .into_iter()
-        .map(|(name, test)| {
-            let server = server.clone();
-            let handle = handle.clone();
-            // Without binaries (outside CI) the tests show as ignored, not passed.
-            let ignored = server.is_none() && !args.list && selected(name);
-            Trial::test(name, move || {
-                let Some(server) = server else {
-                    return Ok(());
-                };
-                handle
-                    .block_on(test(server))
-                    .map_err(|e| Failed::from(format!("{e:#}")))
-            })
-            .with_ignored_flag(ignored)
-        })
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    drop(server);
-    drop(runtime);
-    conclusion.exit_code()
+    sluice_tests::kube::shared::run(
+        sluice_tests::kube_tests![
+            smoke_pods_namespaces_watch_and_status,
+            watch_caches_this_nodes_pods_and_enqueues_changes,
+            redirection_annotation_through_pods_status,
+            redirection_annotation_never_lands_on_a_recreated_pod,
+            events_are_recorded_on_the_pod,
+            startup_taint_is_removed_only_once_ready,
+            agent_rbac_from_deploy_is_enough,
+        ],
+        || true,
+        KubeServer::start,
+    )
 }
 
 fn ip(s: &str) -> IpAddr {

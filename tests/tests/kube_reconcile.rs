@@ -22,7 +22,6 @@ use kube::{
     Api, Client, ResourceExt as _,
     api::{ListParams, Patch, PatchParams},
 };
-use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::{Value, json};
 use sluice_agent::k8s::{
     annotate::{REDIRECTION_ANNOTATION, reason},
@@ -49,77 +48,20 @@ use sluice_tests::{
 const TESTKIT: &str = env!("CARGO_BIN_EXE_sluice-testkit");
 const WAIT: Duration = Duration::from_secs(30);
 
-type TestFn = fn(Arc<KubeServer>) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
-
-macro_rules! tests {
-    ($($name:ident),* $(,)?) => {
-        [$((stringify!($name), (|s| Box::pin($name(s))) as TestFn)),*]
-    };
-}
-
 fn main() -> ExitCode {
-    let args = Arguments::from_args();
-    let tests = tests![
-        labelling_a_namespace_enrolls_its_running_pods_live,
-        pod_labels_every_exclusion_and_per_pod_options,
-        cni_add_for_a_pod_the_cache_has_not_seen_yet,
-        a_pod_deleted_while_being_enrolled,
-        the_proc_scan_refuses_a_netns_without_the_pods_ips,
-        the_startup_taint_is_removed_only_once_ready,
-        a_restart_finds_moved_namespaces_and_drops_vanished_ones,
-    ];
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let selected = |name: &str| {
-        let by_filter = args.filter.as_deref().is_none_or(|f| {
-            if args.exact {
-                name == f
-            } else {
-                name.contains(f)
-            }
-        });
-        by_filter && !args.skip.iter().any(|s| name.contains(s.as_str()))
-    };
-    // Listing, a filter that selects nothing, or no root: no server.
-    let wanted = !args.list && tests.iter().any(|(name, _)| selected(name)) && require_root();
-    let server = if wanted {
-        let started = Instant::now();
-        match runtime.block_on(start_server()) {
-            Ok(s) => {
-                if s.is_some() {
-                    eprintln!("kube-apiserver and etcd ready in {:.1?}", started.elapsed());
-                }
-                s.map(Arc::new)
-            }
-            Err(e) => {
-                eprintln!("error: starting the test kube-apiserver: {e:#}");
-                return ExitCode::FAILURE;
-            }
-        }
-    } else {
-        None
-    };
-    let handle = runtime.handle().clone();
-    let trials = tests
-        .into_iter()
-        .map(|(name, test)| {
-            let server = server.clone();
-            let handle = handle.clone();
-            let ignored = server.is_none() && !args.list && selected(name);
-            Trial::test(name, move || {
-                let Some(server) = server else {
-                    return Ok(());
-                };
-                handle
-                    .block_on(test(server))
-                    .map_err(|e| Failed::from(format!("{e:#}")))
-            })
-            .with_ignored_flag(ignored)
-        })
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    drop(server);
-    drop(runtime);
-    conclusion.exit_code()
+    sluice_tests::kube::shared::run(
+        sluice_tests::kube_tests![
+            labelling_a_namespace_enrolls_its_running_pods_live,
+            pod_labels_every_exclusion_and_per_pod_options,
+            cni_add_for_a_pod_the_cache_has_not_seen_yet,
+            a_pod_deleted_while_being_enrolled,
+            the_proc_scan_refuses_a_netns_without_the_pods_ips,
+            the_startup_taint_is_removed_only_once_ready,
+            a_restart_finds_moved_namespaces_and_drops_vanished_ones,
+        ],
+        require_root,
+        start_server,
+    )
 }
 
 async fn start_server() -> Result<Option<KubeServer>> {

@@ -18,7 +18,9 @@ mod launcher;
 mod netns_proxy;
 pub mod objects;
 mod server;
+pub mod shared;
 
 pub use bins::KubeBins;
 pub use netns_proxy::NetnsProxy;
 pub use server::{KubeServer, User};
+pub use shared::TestFn;
