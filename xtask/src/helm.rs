@@ -23,16 +23,7 @@ pub const HELM_VERSION: &str = "v4.3.0";
 const LIBRARY: &str = "libhelm_sdkpy.so";
 
 fn cache_dir() -> Result<PathBuf> {
-    let base = match env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            PathBuf::from(env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set")?)
-                .join(".cache")
-        }
-    };
-    Ok(base
-        .join("sluice")
-        .join(format!("helm-sdkpy-{HELM_SDKPY_VERSION}")))
+    crate::cache_dir(&format!("helm-sdkpy-{HELM_SDKPY_VERSION}"))
 }
 
 /// The library's path, fetching it first if it is not cached.

@@ -40,16 +40,7 @@ const VERSION_PACKAGES: &[&str] = &[
 
 /// Where the binaries are cached, keyed by version.
 pub fn cache_dir() -> Result<PathBuf> {
-    let base = match env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            PathBuf::from(env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set")?)
-                .join(".cache")
-        }
-    };
-    Ok(base
-        .join("sluice")
-        .join(format!("kube-apiserver-{KUBE_VERSION}")))
+    crate::cache_dir(&format!("kube-apiserver-{KUBE_VERSION}"))
 }
 
 /// Returns the directory holding `kube-apiserver` and `etcd`, building them first if missing.

@@ -190,6 +190,19 @@ pub fn target_dir() -> PathBuf {
     env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
+/// `${XDG_CACHE_HOME:-~/.cache}/sluice/<entry>`: slow prerequisites, outside the clone and
+/// keyed by version in `entry`, so that every clone and worktree on the machine shares them.
+pub fn cache_dir(entry: &str) -> Result<PathBuf> {
+    let base = match env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            PathBuf::from(env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set")?)
+                .join(".cache")
+        }
+    };
+    Ok(base.join("sluice").join(entry))
+}
+
 /// `$CARGO_HOME/bin` (default `~/.cargo/bin`): where `cargo install` puts bpf-linker.
 pub fn cargo_bin_dir() -> Result<PathBuf> {
     let home = match env::var_os("CARGO_HOME") {

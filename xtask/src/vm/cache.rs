@@ -1,7 +1,6 @@
 //! The VM suite's cache, outside the clone: `${XDG_CACHE_HOME:-~/.cache}/sluice/vm`. Everything
 //! in it is keyed by version (apt lists, unpacked packages), so deleting it only costs time.
 use std::{
-    env,
     fs::{self, File},
     io,
     os::fd::AsRawFd,
@@ -11,14 +10,7 @@ use std::{
 use anyhow::{Context, Result};
 
 pub fn dir() -> Result<PathBuf> {
-    let base = match env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            PathBuf::from(env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set")?)
-                .join(".cache")
-        }
-    };
-    let dir = base.join("sluice/vm");
+    let dir = crate::cache_dir("vm")?;
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
