@@ -6,8 +6,13 @@
 //!   like upstream's `-m owner --socket-exists`;
 //! - likewise ztunnel's connects to an app from a client's address (`SL_RETURN_CONNS`, by
 //!   4-tuple): to `sk_lookup` their SYN looks like any inbound one;
+//! - ztunnel's side of an app's captured outbound connection gets the reply mark, so that
+//!   the kernel's own answers to it (the app's TIME_WAIT ACKs, resets) go back over `lo`;
 //! - with acceleration on, app↔ztunnel sockets of enrolled pods go into the sockhash.
-use core::ptr::{addr_of, read_volatile};
+use core::{
+    ffi::c_void,
+    ptr::{addr_of, addr_of_mut, read_volatile},
+};
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -16,13 +21,13 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, bpf_sock_ops,
     },
-    helpers::generated::bpf_get_netns_cookie,
+    helpers::generated::{bpf_get_netns_cookie, bpf_setsockopt},
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use sluice_common::{
     Counter, Endpoint, GLOBAL_ACCELERATE, ListenerKey, MARK_MASK, PORT_DNS, PORT_HBONE,
-    PORT_INBOUND, PORT_OUTBOUND, REPLY_MARK, SockKey,
+    PORT_INBOUND, PORT_OUTBOUND, REPLY_MARK, SockKey, ZTUNNEL_MARK,
 };
 
 use crate::{
@@ -40,7 +45,10 @@ pub fn sl_sockops(ctx: SockOpsContext) -> u32 {
             connect_done(&ctx);
             accelerate(&ctx);
         }
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => accelerate(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            mark_outbound_accept(&ctx);
+            accelerate(&ctx);
+        }
         BPF_SOCK_OPS_STATE_CB if new_state(&ctx) == BPF_TCP_CLOSE => connect_done(&ctx),
         _ => {}
     }
@@ -126,16 +134,68 @@ fn exempt_connect(ctx: &SockOpsContext) -> Option<Exempt> {
     (!pod.is_local(&k.local)).then_some(Exempt::Return(k))
 }
 
+/// The socket's mark, our bits only.
 #[inline(always)]
 fn sk_mark(ctx: &SockOpsContext) -> Option<u32> {
+    full_mark(ctx).map(|m| m & MARK_MASK)
+}
+
+#[inline(always)]
+fn full_mark(ctx: &SockOpsContext) -> Option<u32> {
     // SAFETY: 8-byte load of the ctx's socket pointer (may be null).
     let sk = unsafe { read_volatile(addr_of!((*ctx.ops).__bindgen_anon_2.sk)) };
     if sk.is_null() {
         return None;
     }
     // SAFETY: bpf_sock field of a non-null socket.
-    Some(unsafe { read_volatile(addr_of!((*sk).mark)) } & MARK_MASK)
+    Some(unsafe { read_volatile(addr_of!((*sk).mark)) })
 }
+
+/// ztunnel's side of an app's captured outbound connection (accepted on 15001: its local
+/// address is the original destination, its peer the pod) inherits its listener's 0x539, not
+/// the SYN's 0x111 (`inet_request_mark` prefers the listener's mark). Its own packets reach
+/// the app all the same, but the kernel's stateless answers to them (the app's TIME_WAIT
+/// ACK, a reset) reflect that mark (`fwmark_reflect`) and would be routed towards the real
+/// destination instead of back over `lo`: ztunnel's socket then never gets its last ACK and
+/// retransmits its FIN from LAST_ACK, the real destination's reset kills the app's TIME_WAIT,
+/// and the app's next connect from that port to that destination meets the stale socket and
+/// loses its SYNs. With 0x111 those answers take the pod's rule back to `lo`, as upstream's
+/// connmark restore sends them.
+#[inline(always)]
+fn mark_outbound_accept(ctx: &SockOpsContext) {
+    let netns = netns(ctx);
+    // SAFETY: read-only lookup.
+    let Some(pod) = (unsafe { PODS.get(netns) }) else {
+        return;
+    };
+    let Some(mark) = full_mark(ctx) else {
+        return;
+    };
+    if mark & MARK_MASK != ZTUNNEL_MARK {
+        return;
+    }
+    let Some(k) = key(ctx, netns) else {
+        return;
+    };
+    if pod.is_local(&k.local) || !pod.is_local(&k.remote) {
+        return;
+    }
+    let mut mark = (mark & !MARK_MASK) | REPLY_MARK;
+    // SAFETY: helper contract: a full socket's sock_ops ctx, a 4-byte value on the stack.
+    // It cannot fail for a full TCP socket and SO_MARK.
+    let _ = unsafe {
+        bpf_setsockopt(
+            ctx.ops.cast::<c_void>(),
+            SOL_SOCKET,
+            SO_MARK,
+            addr_of_mut!(mark).cast::<c_void>(),
+            4,
+        )
+    };
+}
+
+const SOL_SOCKET: i32 = 1;
+const SO_MARK: i32 = 36;
 
 #[inline(always)]
 fn connect_started(ctx: &SockOpsContext) {
@@ -200,9 +260,9 @@ fn accelerate(ctx: &SockOpsContext) {
 #[inline(always)]
 fn is_app_ztunnel_pair(key: &SockKey, mark: u32) -> bool {
     // REPLY_MARK is on exactly the four sockets of app↔ztunnel connections: the app's outbound
-    // socket (set at connect) and ztunnel's accepted side of it (tcp_fwmark_accept copies the
-    // SYN's mark), ztunnel's connection to the app from a client's address (set at connect)
-    // and the app's accepted side of it.
+    // socket (set at connect) and ztunnel's accepted side of it (set at accept, above),
+    // ztunnel's connection to the app from a client's address (set at connect) and the app's
+    // accepted side of it (tcp_fwmark_accept copies the SYN's mark).
     if mark == REPLY_MARK {
         return true;
     }

@@ -436,6 +436,103 @@ fn a_closed_app_port_is_refused_through_ztunnel_at_once() {
     }
 }
 
+/// Point 9, the other way round: the app's kernel answers ztunnel's side of an outbound
+/// connection too. The app closes first; ztunnel's side (accepted on 15001, marked 0x539 like
+/// its listener) closes later, and must get the app's last ACK, which the app's kernel sends
+/// statelessly (its socket is FIN_WAIT2 by then, then TIME_WAIT). Had that ACK followed
+/// ztunnel's mark towards the real destination, ztunnel's socket would sit in LAST_ACK
+/// retransmitting its FIN, and the destination's reset would end the app's TIME_WAIT early,
+/// so that its next connect from that port to that destination lost its SYNs to the stale
+/// socket (the churn bench's timeouts).
+#[test]
+fn ztunnels_side_of_a_connection_the_app_closed_first_finishes_closing() {
+    let Some(mut fx) = fixture(2) else { return };
+    fx.enroll(0, EnrollOptions::default()).unwrap();
+    let ztunnel = fx.app(0).unwrap();
+    ztunnel.sink_start_holding(15001).unwrap();
+    let app = fx.app(0).unwrap();
+    let port = 1999;
+    let destinations: Vec<SocketAddr> = fx.pod(1).ips().iter().map(|&ip| sa(ip, port)).collect();
+    let churn = app
+        .churn(&destinations, destinations.len() as u64, WAIT)
+        .unwrap();
+    assert_eq!(churn["failures"], 0, "{churn}");
+
+    let ns = &fx.pod(0).netns;
+    let sockets = || ns.run(|| tcp_sockets(port)).unwrap();
+    // The app's close is acknowledged: its sockets are FIN_WAIT2, ztunnel's CLOSE_WAIT.
+    wait_for(|| {
+        let s = sockets();
+        let app_waiting = s
+            .iter()
+            .filter(|s| !s.local && s.state == FIN_WAIT2)
+            .count();
+        (app_waiting == destinations.len()).then_some(()).ok_or(s)
+    });
+    let sink = ztunnel.sink_stop().unwrap();
+    assert_eq!(sink["accepted"], destinations.len() as u64, "{sink}");
+    // ztunnel has closed: nothing of its side may be left (no LAST_ACK waiting for an ACK
+    // that went elsewhere; it would retransmit its FIN for minutes).
+    wait_for(|| {
+        let s = sockets();
+        s.iter().all(|s| !s.local).then_some(()).ok_or(s)
+    });
+}
+
+const FIN_WAIT2: u8 = 5;
+
+#[derive(Debug)]
+struct TcpSocket {
+    /// `port` is its local port (ztunnel's side), else its remote port (the app's).
+    local: bool,
+    /// As in `/proc/net/tcp`.
+    state: u8,
+}
+
+/// This netns's TCP sockets (both families) whose local or remote port is `port`.
+fn tcp_sockets(port: u16) -> Vec<TcpSocket> {
+    let port = format!(":{port:04X}");
+    ["tcp", "tcp6"]
+        .iter()
+        .flat_map(|f| {
+            let path = format!("/proc/thread-self/net/{f}");
+            let table = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let mut cols = l.split_whitespace().skip(1);
+                    let (local, remote, state) = (cols.next()?, cols.next()?, cols.next()?);
+                    let state = u8::from_str_radix(state, 16).ok()?;
+                    if local.ends_with(&port) {
+                        Some(TcpSocket { local: true, state })
+                    } else if remote.ends_with(&port) {
+                        Some(TcpSocket {
+                            local: false,
+                            state,
+                        })
+                    } else {
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Polls `check` until it holds, failing with its last answer after `WAIT`.
+fn wait_for(mut check: impl FnMut() -> Result<(), Vec<TcpSocket>>) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(left) => assert!(Instant::now() < deadline, "sockets: {left:?}"),
+        }
+        // The kernel's socket table has no change notification.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Point 10: an unconnected UDP socket that queries several servers (musl asks every
 /// nameserver at once) gets each reply attributed to the server it asked.
 #[test]

@@ -225,6 +225,12 @@ impl App {
         self.expect_ok(json!({"cmd": "sink_start", "port": port}))
     }
 
+    /// Like `sink_start`, but the sink keeps every connection after its client has closed,
+    /// and closes them at `sink_stop`.
+    pub fn sink_start_holding(&self, port: u16) -> Result<()> {
+        self.expect_ok(json!({"cmd": "sink_start", "port": port, "hold": true}))
+    }
+
     /// Stops the sink: `{accepted, answered, wrong}`.
     pub fn sink_stop(&self) -> Result<Value> {
         let v = self.request(json!({"cmd": "sink_stop"}))?;

@@ -64,9 +64,12 @@ pub enum Command {
     },
     /// A minimal ztunnel outbound listener (`[::]:port`, transparent, marked 0x539) that
     /// accepts, reads each connection's original destination the way ztunnel does, and
-    /// closes it: cheap enough for churn. No events; counts on `sink_stop`.
+    /// closes it: cheap enough for churn. No events; counts on `sink_stop`. With `hold`, it
+    /// keeps each connection after the client's close and closes them all at `sink_stop`.
     SinkStart {
         port: u16,
+        #[serde(default)]
+        hold: bool,
     },
     SinkStop,
     /// `count` connects round-robin over `addrs`, each closed at once by the client (no

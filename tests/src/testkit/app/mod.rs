@@ -149,11 +149,12 @@ impl AppState {
                 parallel,
                 opts,
             } => bulk::bulk(addr, bytes, parallel, &opts),
-            Command::SinkStart { port } => {
+            Command::SinkStart { port, hold } => {
                 if self.sink.is_some() {
                     return Err(Failure::msg("a sink is running already"));
                 }
-                self.sink = Some(sink::Sink::start(port).map_err(|e| Failure::io("listen", &e))?);
+                self.sink =
+                    Some(sink::Sink::start(port, hold).map_err(|e| Failure::io("listen", &e))?);
                 Ok(Fields::new())
             }
             Command::SinkStop => self

@@ -1,6 +1,6 @@
 //! `sink_start`/`sink_stop`: the least a ztunnel outbound listener does per connection (accept,
 //! read the original destination as ztunnel does, wait for the client to close, close), on one
-//! thread, for churn tests where the client closes first.
+//! thread, for churn tests where the client closes first. Holding, it closes only at the stop.
 
 use std::io::{self, Read as _};
 use std::net::{Ipv6Addr, SocketAddr, TcpListener};
@@ -34,7 +34,7 @@ pub struct Sink {
 }
 
 impl Sink {
-    pub fn start(port: u16) -> io::Result<Sink> {
+    pub fn start(port: u16, hold: bool) -> io::Result<Sink> {
         let sock = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
         sock.set_only_v6(false)?;
         sock.set_reuse_address(true)?;
@@ -50,7 +50,7 @@ impl Sink {
         let flag = stop.clone();
         let thread = thread::Builder::new()
             .name("sink".into())
-            .spawn(move || serve(&listener, &flag))?;
+            .spawn(move || serve(&listener, &flag, hold))?;
         Ok(Sink { stop, thread })
     }
 
@@ -73,8 +73,10 @@ impl Sink {
 
 /// Stops only once the accept queue is empty (an accept timed out), so that every connection
 /// made before the stop is counted.
-fn serve(listener: &TcpListener, stop: &AtomicBool) -> Counts {
+fn serve(listener: &TcpListener, stop: &AtomicBool, hold: bool) -> Counts {
     let mut c = Counts::default();
+    // Closed when this returns.
+    let mut held = Vec::new();
     loop {
         let Ok((conn, _)) = listener.accept() else {
             if stop.load(Ordering::SeqCst) {
@@ -110,5 +112,8 @@ fn serve(listener: &TcpListener, stop: &AtomicBool) -> Counts {
             }
         }
         let _ = conn.read(&mut [0u8; 64]);
+        if hold {
+            held.push(conn);
+        }
     }
 }
