@@ -107,6 +107,12 @@ impl Netns {
                     what: "setns",
                     source: e.into(),
                 })?;
+                // The cookie costs one socket here, and a thread of its own later.
+                if self.cookie.get().is_none()
+                    && let Ok(c) = current_cookie()
+                {
+                    let _ = self.cookie.set(c);
+                }
                 Ok(f())
             })
             .join()

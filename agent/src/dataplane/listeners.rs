@@ -1,14 +1,16 @@
 //! ztunnel's listeners that exist before their pod is enrolled (a ztunnel already serving the
 //! netns while its enrollment is re-created: pins lost, a map layout change). sockops learns
 //! listeners when they `listen()`; these it never saw, so enrollment finds them and puts them in
-//! `SL_LISTENERS` itself: from the netns's listeners (sock_diag: inode of each listener on a
-//! ztunnel port), then the owning process's fd (`pidfd_getfd`), which the map takes.
+//! `SL_LISTENERS` itself: the listener that would take a connection to the pod's address on
+//! each of ztunnel's ports (sock_diag: its inode), then the owning process's fd
+//! (`pidfd_getfd`), which the map takes.
 //!
 //! Nothing of this costs much in the usual order of things (enroll, then ztunnel listens): a
 //! fresh pod has no such listener, and the process scan is skipped.
 use std::{
     io,
-    os::fd::{FromRawFd, OwnedFd},
+    net::IpAddr,
+    os::fd::{AsRawFd as _, FromRawFd, OwnedFd},
 };
 
 use sluice_common::{PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND};
@@ -20,17 +22,26 @@ pub struct Listener {
     pub inode: u64,
 }
 
-/// The calling thread's netns's listeners on 15001, 15006 and 15008 (both families). Asked
-/// with sock_diag for listeners only: `/proc/net/tcp` would walk the node's whole connection
-/// table (milliseconds on a busy node) for every enrollment.
-pub fn ztunnel_port_listeners() -> io::Result<Vec<Listener>> {
+/// The calling thread's netns's listeners on 15001, 15006 and 15008: for each port, the one a
+/// connection to the pod's IPv4 address would reach, else its IPv6 address (`SL_LISTENERS`
+/// keeps one per port). Asked with sock_diag's exact lookup, the kernel's own listener lookup:
+/// a dump would walk every listener of every netns on the node (the listening hash is
+/// node-wide), which grows with the pods' ztunnel listeners.
+pub fn ztunnel_port_listeners(addrs: &[IpAddr]) -> io::Result<Vec<Listener>> {
+    let v4 = addrs
+        .iter()
+        .find(|a| matches!(a, IpAddr::V4(v4) if !v4.is_loopback()));
+    let v6 = addrs
+        .iter()
+        .find(|a| matches!(a, IpAddr::V6(v6) if !v6.is_loopback() && !v6.is_unicast_link_local()));
+    let sock = DiagSocket::new()?;
     let mut out = Vec::new();
-    for family in [libc::AF_INET, libc::AF_INET6] {
-        match dump_listeners(family as u8) {
-            Ok(found) => out.extend(found),
-            // No IPv6 in this kernel or netns.
-            Err(e) if family == libc::AF_INET6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
-            Err(e) => return Err(e),
+    for port in [PORT_OUTBOUND, PORT_INBOUND, PORT_HBONE] {
+        for addr in [v4, v6].into_iter().flatten() {
+            if let Some(inode) = sock.listener(*addr, port)? {
+                out.push(Listener { port, inode });
+                break;
+            }
         }
     }
     Ok(out)
@@ -39,79 +50,86 @@ pub fn ztunnel_port_listeners() -> io::Result<Vec<Listener>> {
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const TCP_LISTEN: u32 = 10;
+const TCP_LISTEN: u8 = 10;
 const NLMSG_HDRLEN: usize = 16;
+/// `inet_diag_req_v2`: family, protocol, ext, pad, states, then `inet_diag_sockid`: sport (at
+/// 8), dport, src (at 12), dst (at 28), if (at 44), cookie (at 48).
+const DIAG_REQ_LEN: usize = 56;
 /// `struct inet_diag_msg`: family, state, timer, retrans, then `inet_diag_sockid` (sport at 4),
 /// expires, rqueue, wqueue, uid, inode (at 68).
 const DIAG_MSG_LEN: usize = 72;
 
-/// One `SOCK_DIAG_BY_FAMILY` dump of TCP listeners of `family`.
-fn dump_listeners(family: u8) -> io::Result<Vec<Listener>> {
-    // SAFETY: a new netlink socket, owned from here on.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
+/// A sock_diag netlink socket of the calling thread's netns.
+struct DiagSocket(OwnedFd);
+
+impl DiagSocket {
+    fn new() -> io::Result<DiagSocket> {
+        // SAFETY: a new netlink socket, owned from here on.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just returned to us.
+        Ok(DiagSocket(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
-    // SAFETY: fd was just returned to us.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // nlmsghdr (16) + inet_diag_req_v2 (56): family, protocol, ext, pad, states, sockid.
-    let mut req = [0u8; NLMSG_HDRLEN + 56];
-    let len = req.len() as u32;
-    req[0..4].copy_from_slice(&len.to_ne_bytes());
-    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    req[6..8].copy_from_slice(&flags.to_ne_bytes());
-    req[16] = family;
-    req[17] = libc::IPPROTO_TCP as u8;
-    req[20..24].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-    // SAFETY: sending a fully initialised buffer on our socket (to the kernel: no address).
-    if unsafe { libc::send(raw, req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
+
+    /// The inode of the TCP listener that a connection to `addr:port` would reach, if any.
+    fn listener(&self, addr: IpAddr, port: u16) -> io::Result<Option<u64>> {
+        let mut req = [0u8; NLMSG_HDRLEN + DIAG_REQ_LEN];
+        let len = req.len() as u32;
+        req[0..4].copy_from_slice(&len.to_ne_bytes());
+        req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        req[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+        let r = &mut req[NLMSG_HDRLEN..];
+        r[0] = match addr {
+            IpAddr::V4(_) => libc::AF_INET as u8,
+            IpAddr::V6(_) => libc::AF_INET6 as u8,
+        };
+        r[1] = libc::IPPROTO_TCP as u8;
+        r[4..8].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+        r[8..10].copy_from_slice(&port.to_be_bytes());
+        match addr {
+            IpAddr::V4(v4) => r[12..16].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => r[12..28].copy_from_slice(&v6.octets()),
+        }
+        // INET_DIAG_NOCOOKIE: any socket.
+        r[48..56].fill(0xff);
+        let raw = self.0.as_raw_fd();
+        // SAFETY: sending a fully initialised buffer on our socket (to the kernel: no address).
+        if unsafe { libc::send(raw, req.as_ptr().cast(), req.len(), 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = [0u8; 1024];
         // SAFETY: receiving into our buffer.
         let n = unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut msgs = &buf[..n as usize];
-        while msgs.len() >= NLMSG_HDRLEN {
-            let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
-            let ty = u16::from_ne_bytes(msgs[4..6].try_into().expect("2 bytes"));
-            if len < NLMSG_HDRLEN || len > msgs.len() {
-                return Err(io::Error::other("malformed sock_diag answer"));
-            }
-            match ty {
-                NLMSG_DONE => return Ok(out),
-                NLMSG_ERROR => {
-                    let errno = i32::from_ne_bytes(msgs[16..20].try_into().expect("4 bytes"));
-                    return Err(io::Error::from_raw_os_error(-errno));
-                }
-                _ if len >= NLMSG_HDRLEN + DIAG_MSG_LEN => {
-                    let m = &msgs[NLMSG_HDRLEN..];
-                    let port = u16::from_be_bytes([m[4], m[5]]);
-                    let inode = u32::from_ne_bytes(m[68..72].try_into().expect("4 bytes"));
-                    if [PORT_OUTBOUND, PORT_INBOUND, PORT_HBONE].contains(&port) {
-                        out.push(Listener {
-                            port,
-                            inode: u64::from(inode),
-                        });
-                    }
-                }
-                _ => {}
-            }
-            msgs = &msgs[len.next_multiple_of(4).min(msgs.len())..];
+        let msg = &buf[..n as usize];
+        if msg.len() < NLMSG_HDRLEN + 4 {
+            return Err(io::Error::other("short sock_diag answer"));
         }
+        let ty = u16::from_ne_bytes([msg[4], msg[5]]);
+        if ty == NLMSG_ERROR {
+            let errno = -i32::from_ne_bytes(msg[16..20].try_into().expect("4 bytes"));
+            return match errno {
+                // Nothing listens there; or no IPv6 in this kernel or netns.
+                libc::ENOENT | libc::EAFNOSUPPORT => Ok(None),
+                _ => Err(io::Error::from_raw_os_error(errno)),
+            };
+        }
+        if ty != SOCK_DIAG_BY_FAMILY || msg.len() < NLMSG_HDRLEN + DIAG_MSG_LEN {
+            return Err(io::Error::other("malformed sock_diag answer"));
+        }
+        let m = &msg[NLMSG_HDRLEN..];
+        let inode = u32::from_ne_bytes(m[68..72].try_into().expect("4 bytes"));
+        Ok((m[1] == TCP_LISTEN).then_some(u64::from(inode)))
     }
 }
 
@@ -177,20 +195,31 @@ mod tests {
                 eprintln!("skipped: cannot create a network namespace (not root)");
                 return;
             }
-            let lo_up = std::process::Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status();
-            assert!(lo_up.is_ok_and(|s| s.success()));
-            let _a = TcpListener::bind("127.0.0.1:15001").unwrap();
-            let _b = TcpListener::bind("[::1]:15008").unwrap();
-            let _other = TcpListener::bind("127.0.0.1:8080").unwrap();
-            let mut ports: Vec<u16> = ztunnel_port_listeners()
-                .unwrap()
-                .iter()
-                .map(|l| l.port)
-                .collect();
-            ports.sort();
+            let up = |args: &[&str]| {
+                let s = std::process::Command::new("ip").args(args).status();
+                assert!(s.is_ok_and(|s| s.success()), "ip {args:?}");
+            };
+            up(&["link", "set", "lo", "up"]);
+            up(&["addr", "add", "10.9.0.2/32", "dev", "lo"]);
+            up(&["addr", "add", "fd09::2/128", "dev", "lo"]);
+            let pod: [IpAddr; 2] = ["10.9.0.2".parse().unwrap(), "fd09::2".parse().unwrap()];
+            // What ztunnel binds: the wildcard, dual-stack (net.ipv6.bindv6only is 0 in a new
+            // netns); and a listener on the pod's IPv6 address only.
+            let a = TcpListener::bind("[::]:15001").unwrap();
+            let _b = TcpListener::bind("[fd09::2]:15008").unwrap();
+            // Not reachable at the pod's address, or not a ztunnel port.
+            let _c = TcpListener::bind("127.0.0.1:15006").unwrap();
+            let _other = TcpListener::bind("0.0.0.0:8080").unwrap();
+            let found = ztunnel_port_listeners(&pod).unwrap();
+            let ports: Vec<u16> = found.iter().map(|l| l.port).collect();
             assert_eq!(ports, [15001, 15008]);
+            let inode = |fd: i32| {
+                let link = std::fs::read_link(format!("/proc/thread-self/fd/{fd}")).unwrap();
+                link.to_string_lossy().to_string()
+            };
+            assert_eq!(inode(a.as_raw_fd()), format!("socket:[{}]", found[0].inode));
+            // No address, no lookup.
+            assert_eq!(ztunnel_port_listeners(&[]).unwrap(), []);
         })
         .join()
         .unwrap();

@@ -490,7 +490,7 @@ impl Dataplane {
                     pod_net::add_reply_route(sources).map_err(io_err("adding the reply route"))
                 })
                 .and_then(|addrs| {
-                    let listening = listeners::ztunnel_port_listeners()
+                    let listening = listeners::ztunnel_port_listeners(&addrs)
                         .map_err(io_err("reading the pod's TCP listeners"))?;
                     Ok((addrs, listening))
                 });
