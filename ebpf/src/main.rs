@@ -15,6 +15,7 @@
 
 mod counters;
 mod maps;
+mod reply_mark;
 mod sk_lookup;
 mod sk_msg;
 mod sock_addr;

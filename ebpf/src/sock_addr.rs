@@ -7,27 +7,22 @@
 //! to the app made from a client's address, for the return path. DNS (TCP and UDP, port 53) is
 //! rewritten to ztunnel's 15053; `getpeername` and `recvmsg` give the app back the server it
 //! asked.
-use core::{
-    ffi::c_void,
-    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
-};
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::bpf_sock,
-    helpers::generated::{bpf_get_netns_cookie, bpf_setsockopt},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    EbpfContext as _, bindings::bpf_sock, helpers::generated::bpf_get_netns_cookie,
+    macros::cgroup_sock_addr, programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use sluice_common::{
     Addr, Counter, DNS_DESTS as DNS_DESTS_LEN, DNS_PORT, Decision, DnsDests, Endpoint, MARK_MASK,
-    POD_DNS_CAPTURE, POD_NO_IPV6, PORT_DNS, PodConfig, REPLY_MARK, ZTUNNEL_MARK,
+    POD_DNS_CAPTURE, POD_NO_IPV6, PORT_DNS, PodConfig, ZTUNNEL_MARK,
 };
 
 use crate::{
     counters::bump,
     maps::{DNS_DESTS, PODS},
+    reply_mark::set_reply_mark,
     trace::{Conn, trace},
 };
 
@@ -39,8 +34,6 @@ const SOCK_DGRAM: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
 const IPPROTO_MPTCP: u32 = 262;
-const SOL_SOCKET: i32 = 1;
-const SO_MARK: i32 = 36;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Family {
@@ -166,24 +159,6 @@ fn bound_addr(ctx: &SockAddrContext, family: Family) -> Addr {
     }
 }
 
-/// Sets the socket's mark to REPLY_MARK in our bits, keeping the others. Routing at connect
-/// uses the socket's mark, so this decides where the SYN goes.
-#[inline(always)]
-fn set_reply_mark(ctx: &SockAddrContext, old: u32) -> bool {
-    let mut mark = (old & !MARK_MASK) | REPLY_MARK;
-    // SAFETY: helper contract: a 4-byte option value on the stack.
-    let rc = unsafe {
-        bpf_setsockopt(
-            ctx.as_ptr(),
-            SOL_SOCKET,
-            SO_MARK,
-            addr_of_mut!(mark).cast::<c_void>(),
-            4,
-        )
-    };
-    rc == 0
-}
-
 #[inline(always)]
 fn user_addr(ctx: &SockAddrContext, family: Family) -> Addr {
     let sa = ctx.sock_addr;
@@ -280,7 +255,7 @@ fn on_connect(ctx: &SockAddrContext, family: Family) {
     };
     if mark & MARK_MASK == ZTUNNEL_MARK {
         if transport == Transport::Tcp && is_return_path(ctx, family, pod, &dst) {
-            if set_reply_mark(ctx, mark) {
+            if set_reply_mark(ctx.as_ptr(), mark) {
                 bump(Counter::ReplyMarked);
             }
             trace(Decision::ReplyMarked, conn);
@@ -302,7 +277,7 @@ fn on_connect(ctx: &SockAddrContext, family: Family) {
             trace(Decision::DnsRedirected, conn);
         }
         Action::Outbound => {
-            if set_reply_mark(ctx, mark) {
+            if set_reply_mark(ctx.as_ptr(), mark) {
                 bump(Counter::OutboundRedirected);
                 trace(Decision::OutboundMarked, conn);
                 debug!(ctx, "outbound to port {} marked for ztunnel", port);

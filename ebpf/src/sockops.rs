@@ -9,10 +9,7 @@
 //! - ztunnel's side of an app's captured outbound connection gets the reply mark, so that
 //!   the kernel's own answers to it (the app's TIME_WAIT ACKs, resets) go back over `lo`;
 //! - with acceleration on, app↔ztunnel sockets of enrolled pods go into the sockhash.
-use core::{
-    ffi::c_void,
-    ptr::{addr_of, addr_of_mut, read_volatile},
-};
+use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -21,7 +18,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, bpf_sock_ops,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_setsockopt},
+    helpers::generated::bpf_get_netns_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -33,6 +30,7 @@ use sluice_common::{
 use crate::{
     counters::bump,
     maps::{LISTENERS, NODE_CONNS, PODS, RETURN_CONNS, SOCKS, global_config},
+    reply_mark::set_reply_mark,
     sock_tuple::sock_key,
 };
 
@@ -180,22 +178,9 @@ fn mark_outbound_accept(ctx: &SockOpsContext) {
     if pod.is_local(&k.local) || !pod.is_local(&k.remote) {
         return;
     }
-    let mut mark = (mark & !MARK_MASK) | REPLY_MARK;
-    // SAFETY: helper contract: a full socket's sock_ops ctx, a 4-byte value on the stack.
     // It cannot fail for a full TCP socket and SO_MARK.
-    let _ = unsafe {
-        bpf_setsockopt(
-            ctx.ops.cast::<c_void>(),
-            SOL_SOCKET,
-            SO_MARK,
-            addr_of_mut!(mark).cast::<c_void>(),
-            4,
-        )
-    };
+    let _ = set_reply_mark(ctx.ops.cast(), mark);
 }
-
-const SOL_SOCKET: i32 = 1;
-const SO_MARK: i32 = 36;
 
 #[inline(always)]
 fn connect_started(ctx: &SockOpsContext) {
