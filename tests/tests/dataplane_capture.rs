@@ -52,12 +52,25 @@ fn count(fx: &mut DataplaneFixture, which: Counter) -> u64 {
         .unwrap_or(0)
 }
 
-/// Waits until `which` has grown past `above`: the programs made the decision.
+/// Waits until `which` has grown past `above`: the programs made the decision. (A per-CPU
+/// counter has no change notification; it moves within microseconds.)
 fn wait_counter(fx: &mut DataplaneFixture, which: Counter, above: u64) {
+    wait_for(|| {
+        (count(fx, which) > above)
+            .then_some(())
+            .ok_or_else(|| format!("{which:?} stayed at {above}"))
+    });
+}
+
+/// Polls `check`, for state that has no change notification, until it holds; fails with its
+/// last answer after `WAIT`.
+fn wait_for<E: std::fmt::Debug>(mut check: impl FnMut() -> Result<(), E>) {
     let deadline = Instant::now() + WAIT;
-    while count(fx, which) <= above {
-        assert!(Instant::now() < deadline, "{which:?} stayed at {above}");
-        // A per-CPU counter has no change notification; it moves within microseconds.
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(last) => assert!(Instant::now() < deadline, "{last:?}"),
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -320,17 +333,15 @@ fn rx_packets(ns: &sluice_tests::harness::Netns, ifname: &str) -> u64 {
     json[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
 }
 
+/// No event to wait on short of a netlink monitor; carrier comes within milliseconds.
 fn wait_carrier(ns: &sluice_tests::harness::Netns, ifname: &str) {
-    let deadline = Instant::now() + WAIT;
-    while !ns
-        .ip(&["-o", "link", "show", "dev", ifname])
-        .unwrap()
-        .contains("LOWER_UP")
-    {
-        assert!(Instant::now() < deadline, "{ifname} has no carrier");
-        // No event to wait on short of a netlink monitor; carrier comes within milliseconds.
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(|| {
+        ns.ip(&["-o", "link", "show", "dev", ifname])
+            .unwrap()
+            .contains("LOWER_UP")
+            .then_some(())
+            .ok_or_else(|| format!("{ifname} has no carrier"))
+    });
 }
 
 /// How much `which` grew while `f` ran.
@@ -518,19 +529,6 @@ fn tcp_sockets(port: u16) -> Vec<TcpSocket> {
                 .collect::<Vec<_>>()
         })
         .collect()
-}
-
-/// Polls `check` until it holds, failing with its last answer after `WAIT`.
-fn wait_for(mut check: impl FnMut() -> Result<(), Vec<TcpSocket>>) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match check() {
-            Ok(()) => return,
-            Err(left) => assert!(Instant::now() < deadline, "sockets: {left:?}"),
-        }
-        // The kernel's socket table has no change notification.
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Point 10: an unconnected UDP socket that queries several servers (musl asks every
